@@ -1,0 +1,43 @@
+# quantgate: `make demo` and `make test` work on a fresh machine (Python 3.11 + the package registries).
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint typecheck bench clean local-prefect-stop
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found (quantgate needs Python 3.11)"; exit 2; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip wheel setuptools
+	# torch is pinned to the CPU build; an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/quantgate demo
+
+lint: install
+	$(BIN)/ruff check quantgate tests benchmarks
+	$(BIN)/ruff format --check quantgate tests benchmarks
+
+typecheck: install
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python benchmarks/bench_digits.py
+
+local-prefect-stop: install
+	$(BIN)/quantgate local-prefect stop
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-data mlflow.db mlruns

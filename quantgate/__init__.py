@@ -1,0 +1,51 @@
+"""quantgate: compress models from the MLflow Model Registry, gate them on this hardware, register back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from quantgate.errors import (
+    BackendError,
+    BackendUnavailable,
+    DataError,
+    GateFailed,
+    InputError,
+    InvalidModel,
+    ModelNotFound,
+    PolicyError,
+    QuantgateError,
+    RegistrationError,
+    TrackingUnavailable,
+    UnsupportedFlavor,
+)
+from quantgate.policy import Policy, load_policy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailable",
+    "DataError",
+    "GateFailed",
+    "InputError",
+    "InvalidModel",
+    "ModelNotFound",
+    "Policy",
+    "PolicyError",
+    "QuantgateError",
+    "RegistrationError",
+    "TrackingUnavailable",
+    "UnsupportedFlavor",
+    "compress",
+    "load_policy",
+]
+
+
+def compress(model_uri: str, policy: Policy | Path | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Run the ``compress-model`` flow and return its JSON document (see README)."""
+    from quantgate.flows.compress import compress_model
+
+    pol = policy if isinstance(policy, Policy) else load_policy(policy)
+    result: dict[str, Any] = compress_model(model_uri, pol.model_dump(mode="json"), tracking_uri)
+    return result

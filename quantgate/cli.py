@@ -1,0 +1,241 @@
+"""The ``quantgate`` command: parse, call the API, map errors to exit codes, print.
+
+Exit codes: 0 a candidate passed and was registered; 1 ran, none passed, nothing registered;
+2 bad input or configuration; 3 a failure inside quantgate or a backend (nothing left half-registered).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from quantgate.errors import InputError, QuantgateError
+
+EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Compress registered MLflow models, gate them on this hardware, register the winners.",
+)
+local_prefect = typer.Typer(no_args_is_help=True, help="The local Prefect server quantgate starts for itself.")
+app.add_typer(local_prefect, name="local-prefect")
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+
+class _ProgressHandler(logging.Handler):
+    """Shows quantgate's INFO messages as the current step of a spinner (only on a terminal)."""
+
+    def __init__(self, status: Any) -> None:
+        super().__init__(logging.INFO)
+        self.status = status
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.status.update(f"[bold]quantgate[/] {record.getMessage()}")
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("mlflow", "alembic", "prefect", "urllib3", "httpx", "onnxruntime", "root", "torch", "nncf"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    # MLflow 3 sends usage telemetry by default; a CI plugin on a closed network should not try.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err.print(f"quantgate: error: {message}", markup=False)
+    return typer.Exit(code)
+
+
+def _prepare_prefect(mode: str) -> None:
+    from quantgate.flows.runtime import configure_prefect_env, prefect_api_for_cli
+
+    configure_prefect_env()
+    prefect_api_for_cli(mode)
+
+
+def _run_flow(model_uri: str, policy: dict[str, Any], tracking_uri: str, show_progress: bool) -> dict[str, Any]:
+    from quantgate.flows.compress import compress_model
+
+    qlog = logging.getLogger("quantgate")
+    qlog.setLevel(logging.INFO)
+    if not show_progress:
+        return compress_model(model_uri, policy, tracking_uri)
+    with err.status("[bold]quantgate[/] starting", spinner="dots") as status:
+        handler = _ProgressHandler(status)
+        qlog.addHandler(handler)
+        try:
+            return compress_model(model_uri, policy, tracking_uri)
+        finally:
+            qlog.removeHandler(handler)
+
+
+def gate_table(doc: dict[str, Any]) -> Table:
+    table = Table(title=f"quantgate: {doc['source']['uri']} ({doc['flavor']})", title_justify="left")
+    for col in ("backend", "recipe", "gate", "speedup", "95% CI", "p50 ms", "size", "acc. drop", "fidelity"):
+        table.add_column(col, justify="right" if col not in ("backend", "recipe", "gate") else "left")
+    for c in doc["candidates"]:
+        m = c["all_metrics"]
+        verdict = "[green]PROMOTED[/]" if c["promoted"] else ("[green]pass[/]" if c["passed"] else "[red]fail[/]")
+        table.add_row(
+            c["backend"], c["recipe"], verdict,
+            f"{m['speedup']:.2f}x" if "speedup" in m else "-",
+            f"{m['speedup_ci_low']:.2f}-{m['speedup_ci_high']:.2f}" if "speedup_ci_low" in m else "-",
+            f"{m['latency_p50_ms']:.3f}" if "latency_p50_ms" in m else "-",
+            f"{m['size_ratio']:.2f}" if "size_ratio" in m else "-",
+            f"{m['accuracy_drop'] * 100:+.2f} pt" if "accuracy_drop" in m else "-",
+            f"{m['fidelity']:.4f}" if "fidelity" in m else "-",
+        )  # fmt: skip
+    return table
+
+
+def print_summary(doc: dict[str, Any]) -> None:
+    out.print(gate_table(doc))
+    for c in doc["candidates"]:
+        if not c["passed"]:
+            out.print(f"  [red]x[/] {c['backend']}/{c['recipe']}: " + "; ".join(c["reasons"]), markup=True)
+    if doc["promoted_uri"]:
+        out.print(f"[green]promoted[/] {doc['promoted_uri']}")
+    else:
+        out.print("[red]no candidate passed the gate[/]: nothing was registered")
+    hw = doc["hardware"]
+    out.print(f"hardware: {hw['cpu_model']} ({hw['logical_cores']} cores; {', '.join(hw['isa_flags'])})")
+
+
+@app.command()
+def compress(
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME/VERSION or models:/NAME@ALIAS")],
+    policy: Annotated[Path | None, typer.Option("--policy", "-p", help="policy YAML (defaults: README)")] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")] = False,
+    prefect: Annotated[str, typer.Option(help="local (reused local server) or ephemeral")] = "local",
+) -> None:
+    """Compress one registered model version, gate every candidate, register what passes."""
+    from quantgate import registry
+    from quantgate.policy import load_policy
+
+    _quiet_libraries()
+    try:
+        pol = load_policy(policy)
+        registry.parse_model_uri(model_uri)
+        uri = tracking_uri or registry.default_tracking_uri()
+        registry.connect(uri)
+        _prepare_prefect(prefect)
+        doc = _run_flow(model_uri, pol.model_dump(mode="json"), uri, err.is_terminal and not as_json)
+    except InputError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    except QuantgateError as exc:
+        raise _fail(str(exc), EXIT_INTERNAL) from None
+    doc["timings_s"]["process_start_to_flow_s"] = doc["timings_s"]["flow_started_at"] - _process_start()
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    else:
+        print_summary(doc)
+    raise typer.Exit(EXIT_OK if doc["promoted_uri"] else EXIT_GATE_FAILED)
+
+
+def _process_start() -> float:
+    import psutil
+
+    return float(psutil.Process().create_time())
+
+
+@app.command()
+def demo(
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    ] = None,
+    workdir: Annotated[Path, typer.Option(help="where the demo writes its data sets")] = Path("demo-data"),
+    prefect: Annotated[str, typer.Option(help="local (reused local server) or ephemeral")] = "local",
+) -> None:
+    """Train a small CNN on scikit-learn's digits, register it, compress it, show the gate table."""
+    from quantgate import registry
+    from quantgate.demo import register_demo_model
+
+    _quiet_libraries()
+    uri = tracking_uri or registry.default_tracking_uri()
+    try:
+        registry.connect(uri)
+        with err.status("[bold]quantgate[/] training the digits CNN", spinner="dots"):
+            model_uri = register_demo_model(uri, workdir)
+        err.print(f"registered {model_uri}; compressing it")
+        _prepare_prefect(prefect)
+        doc = _run_flow(model_uri, {}, uri, err.is_terminal)
+    except InputError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    except QuantgateError as exc:
+        raise _fail(str(exc), EXIT_INTERNAL) from None
+    print_summary(doc)
+    out.print(f"\nOpen the results: mlflow ui --backend-store-uri {uri} --port 5000  ->  http://127.0.0.1:5000")
+    out.print(
+        f"  experiment '{doc['experiment']}', run {doc['parent_run_id']}; models: {model_uri}"
+        + (f", {doc['promoted_uri']}" if doc["promoted_uri"] else "")
+    )
+    raise typer.Exit(EXIT_OK if doc["promoted_uri"] else EXIT_GATE_FAILED)
+
+
+@app.command()
+def backends() -> None:
+    """List every installed backend, whether it is available on this host, and why not."""
+    from quantgate.plugins.base import backend_names, load_backend
+
+    _quiet_libraries()
+    table = Table("backend", "available", "recipes / reason")
+    for name in backend_names():
+        try:
+            backend = load_backend(name)
+            status = backend.available()
+        except QuantgateError as exc:
+            table.add_row(name, "[red]no[/]", str(exc))
+            continue
+        if status.ok:
+            table.add_row(name, "[green]yes[/]", "")
+        else:
+            table.add_row(name, "[red]no[/]", f"{status.reason} {status.hint}".strip())
+    out.print(table)
+
+
+@local_prefect.command("status")
+def local_prefect_status() -> None:
+    """Show the local Prefect server quantgate started, if one is running."""
+    from quantgate.flows.runtime import local_server_status
+
+    status = local_server_status()
+    out.print(json.dumps(status, indent=2) if status else "no local Prefect server is running")
+
+
+@local_prefect.command("stop")
+def local_prefect_stop() -> None:
+    """Stop the local Prefect server quantgate started."""
+    from quantgate.flows.runtime import stop_local_server
+
+    out.print("stopped" if stop_local_server() else "no local Prefect server was running")
+
+
+def main() -> None:
+    try:
+        app()
+    except Exception:
+        # A bug, not a user error: keep the traceback, but never let it look like "gate failed" (exit 1).
+        import traceback
+
+        traceback.print_exc()
+        err.print("quantgate: internal error (exit 3); please report it with the traceback above", markup=False)
+        sys.exit(EXIT_INTERNAL)

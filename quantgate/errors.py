@@ -1,0 +1,62 @@
+"""quantgate's exception hierarchy: one place, one meaning per type.
+
+The CLI maps these to exit codes (see README, "Exit codes"):
+``InputError`` and its subclasses -> 2; ``GateFailed`` -> 1; any other
+``QuantgateError`` -> 3.
+"""
+
+from __future__ import annotations
+
+
+class QuantgateError(Exception):
+    """Base of every error quantgate raises on purpose."""
+
+
+class InputError(QuantgateError):
+    """The user gave something we cannot work with: a URI, a file, a policy, data."""
+
+
+class PolicyError(InputError):
+    """The policy file is missing, unreadable or invalid."""
+
+
+class ModelNotFound(InputError):
+    """The registered model, version or alias does not exist."""
+
+
+class UnsupportedFlavor(InputError):
+    """The registered model's MLflow flavor cannot be turned into ONNX."""
+
+
+class InvalidModel(InputError):
+    """The model artifact is corrupt, truncated or not a valid ONNX graph."""
+
+
+class DataError(InputError):
+    """Calibration or evaluation data is missing or does not match the model's inputs."""
+
+
+class TrackingUnavailable(InputError):
+    """The MLflow tracking server cannot be reached."""
+
+
+class BackendUnavailable(QuantgateError):
+    """A backend's library is not installed, or its hardware is missing on this host."""
+
+    def __init__(self, backend: str, reason: str, hint: str = "") -> None:
+        self.backend = backend
+        self.reason = reason
+        self.hint = hint
+        super().__init__(f"backend '{backend}' is unavailable: {reason}" + (f" ({hint})" if hint else ""))
+
+
+class BackendError(QuantgateError):
+    """A backend failed to produce a candidate for one recipe."""
+
+
+class RegistrationError(QuantgateError):
+    """Registering compressed versions in MLflow failed; nothing was left half-registered."""
+
+
+class GateFailed(QuantgateError):
+    """The pipeline ran, but no candidate passed the gate."""

@@ -1,0 +1,140 @@
+"""The ``compress-model`` Prefect flow: orchestration only; every step is a function in quantgate.pipeline."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from quantgate import pipeline, registry, tracking
+from quantgate.hardware import Hardware, detect
+from quantgate.model import ModelInfo
+from quantgate.pipeline import Baseline, DataSets, Intake, PlannedRecipe
+from quantgate.policy import Policy, parse_policy
+from quantgate.result import CandidateResult, CompressionResult
+
+# Objects passed between these tasks (open data sets, ONNX Runtime sessions) live in this process only:
+# every task has no result persistence and no input hashing (cache_policy=NO_CACHE).
+
+
+@task(name="resolve", cache_policy=NO_CACHE, persist_result=False)
+def resolve_task(model_uri: str, tracking_uri: str) -> registry.SourceVersion:
+    client = registry.connect(tracking_uri)
+    return registry.resolve(client, registry.parse_model_uri(model_uri))
+
+
+@task(name="intake", cache_policy=NO_CACHE, persist_result=False)
+def intake_task(source: registry.SourceVersion, workdir: Path) -> Intake:
+    return pipeline.intake(source, workdir)
+
+
+@task(name="load-data", cache_policy=NO_CACHE, persist_result=False)
+def data_task(policy: Policy, source: registry.SourceVersion, model: ModelInfo, workdir: Path) -> DataSets:
+    return pipeline.load_data(policy, source, model, workdir)
+
+
+@task(name="baseline", task_run_name="baseline-{backend}", cache_policy=NO_CACHE, persist_result=False)
+def baseline_task(backend: str, model: ModelInfo, data: DataSets, policy: Policy, workdir: Path) -> Baseline:
+    return pipeline.baseline_for(backend, model, data, policy, workdir)
+
+
+@task(
+    name="compress-and-validate",
+    task_run_name="{planned.backend}-{planned.recipe.name}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def candidate_task(
+    planned: PlannedRecipe,
+    base: Baseline,
+    model: ModelInfo,
+    data: DataSets,
+    policy: Policy,
+    hardware: Hardware,
+    workdir: Path,
+) -> pipeline.CandidateRun:
+    assert planned.recipe is not None
+    return pipeline.evaluate(base, planned.recipe, model, data, policy, hardware, workdir)
+
+
+@task(name="gate", cache_policy=NO_CACHE, persist_result=False)
+def gate_task(results: list[CandidateResult]) -> CandidateResult | None:
+    return pipeline.promote(results)
+
+
+@task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, persist_result=False)
+def register_task(
+    tracking_uri: str, result: CompressionResult, policy: Policy, model: ModelInfo, data: DataSets
+) -> None:
+    client = registry.connect(tracking_uri)
+    tracking.record(
+        client,
+        result,
+        policy,
+        model,
+        {"calibration": data.calibration_uri, "evaluation": data.evaluation_uri},
+    )
+
+
+def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: Path) -> CompressionResult:
+    """The body of the flow, callable inside any flow run."""
+    started = time.perf_counter()
+    started_at = time.time()
+    source = resolve_task(model_uri, tracking_uri)
+    taken = intake_task(source, workdir)
+    data = data_task(policy, source, taken.model, workdir)
+    hardware = detect()
+    planned = pipeline.plan(policy, taken.model)
+    results: list[CandidateResult] = []
+    compress_s = validate_s = 0.0
+    baselines: dict[str, Baseline] = {}
+    # Sequential on purpose: latency is measured on this host, and parallel candidates would disturb it.
+    for item in planned:
+        if item.recipe is None:
+            results.append(pipeline.unavailable_result(item, hardware, data.evaluation.has_labels, policy))
+            continue
+        if item.backend not in baselines:
+            t = time.perf_counter()
+            baselines[item.backend] = baseline_task(item.backend, taken.model, data, policy, workdir)
+            validate_s += time.perf_counter() - t
+        run = candidate_task(item, baselines[item.backend], taken.model, data, policy, hardware, workdir)
+        compress_s += run.compress_s
+        validate_s += run.validate_s
+        results.append(run.result)
+    gate_task(results)
+    result = CompressionResult(
+        source=source,
+        flavor=taken.flavor,
+        policy_hash=policy.digest(),
+        hardware=hardware,
+        candidates=results,
+        experiment=policy.registry.experiment,
+        tracking_uri=tracking_uri,
+    )
+    register_task(tracking_uri, result, policy, taken.model, data)
+    result.timings = {
+        "flow_started_at": started_at,
+        "flow_s": time.perf_counter() - started,
+        "compress_s": compress_s,
+        "validate_s": validate_s,
+    }
+    return result
+
+
+@flow(name="compress-model", persist_result=False, log_prints=False)
+def compress_model(
+    model_uri: str, policy: dict[str, Any] | None = None, tracking_uri: str | None = None
+) -> dict[str, Any]:
+    """Compress one registered model version and register what passes the gate.
+
+    ``policy`` is the policy file's content as a mapping (so a deployment can carry it as a parameter).
+    """
+    parsed = parse_policy(policy or {})
+    uri = tracking_uri or registry.default_tracking_uri()
+    with tempfile.TemporaryDirectory(prefix="quantgate-") as tmp:
+        result = run_compression(model_uri, parsed, uri, Path(tmp))
+    return result.to_document()

@@ -1,0 +1,94 @@
+"""Where pass/fail is decided: policy thresholds against measured metrics, a reason for every failure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from quantgate.policy import GatePolicy
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str  # human-readable: what was measured against what was required
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    checks: tuple[Check, ...]
+
+    @property
+    def reasons(self) -> list[str]:
+        return [c.detail for c in self.checks if not c.passed]
+
+
+def _missing(name: str, metric: str) -> Check:
+    return Check(name, False, f"{metric} was not measured, so the {name} check cannot pass")
+
+
+def _accuracy(m: Mapping[str, float], limit: float) -> Check:
+    if "accuracy_drop" not in m:
+        return _missing("accuracy", "accuracy_drop")
+    drop = m["accuracy_drop"]
+    text = (
+        f"top-1 accuracy {m['accuracy_baseline']:.4f} -> {m['accuracy']:.4f} "
+        f"(drop {drop * 100:.2f} points, at most {limit * 100:.2f} allowed)"
+    )
+    return Check("accuracy", drop <= limit + 1e-12, text)
+
+
+def _fidelity(m: Mapping[str, float], limit: float) -> Check:
+    if "fidelity" not in m:
+        return _missing("fidelity", "fidelity")
+    value = m["fidelity"]
+    return Check("fidelity", value >= limit, f"fidelity (mean cosine) {value:.5f}, at least {limit:.5f} required")
+
+
+def _speedup(m: Mapping[str, float], limit: float, statistic: str) -> Check:
+    key = "speedup" if statistic == "p50" else "speedup_ci_low"
+    if key not in m:
+        return _missing("speedup", key)
+    batch = int(m.get("gate_batch_size", 1))
+    ci = f" (95% CI {m.get('speedup_ci_low', 0):.2f}-{m.get('speedup_ci_high', 0):.2f})"
+    what = "speedup" if statistic == "p50" else "speedup lower bound"
+    text = f"{what} {m[key]:.2f}x at batch {batch}{ci}, at least {limit:.2f}x required"
+    return Check("speedup", m[key] >= limit, text)
+
+
+def _size(m: Mapping[str, float], limit: float) -> Check:
+    if "size_ratio" not in m:
+        return _missing("size", "size_ratio")
+    value = m["size_ratio"]
+    return Check("size", value <= limit, f"size ratio {value:.3f} of FP32, at most {limit:.3f} allowed")
+
+
+def judge(metrics: Mapping[str, float], gate: GatePolicy, *, has_labels: bool, error: str | None = None) -> Verdict:
+    """Apply every configured threshold. A candidate that failed to build fails with that reason only."""
+    if error is not None:
+        return Verdict(False, (Check("build", False, error),))
+    checks: list[Check] = []
+    if gate.max_accuracy_drop is not None and has_labels:
+        checks.append(_accuracy(metrics, gate.max_accuracy_drop))
+    if gate.min_fidelity is not None:
+        checks.append(_fidelity(metrics, gate.min_fidelity))
+    if gate.min_speedup is not None:
+        checks.append(_speedup(metrics, gate.min_speedup, gate.speedup_statistic))
+    if gate.max_size_ratio is not None:
+        checks.append(_size(metrics, gate.max_size_ratio))
+    return Verdict(all(c.passed for c in checks), tuple(checks))
+
+
+def choose_winner(candidates: Sequence[tuple[Verdict, Mapping[str, float]]]) -> int | None:
+    """Index of the fastest passing candidate (ties go to the smaller one), or ``None``."""
+    best: int | None = None
+    best_key: tuple[float, float] = (0.0, 0.0)
+    for i, (verdict, metrics) in enumerate(candidates):
+        if not verdict.passed:
+            continue
+        key = (metrics.get("speedup", 0.0), -metrics.get("size_ratio", 1.0))
+        if best is None or key > best_key:
+            best, best_key = i, key
+    return best

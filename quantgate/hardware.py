@@ -1,0 +1,91 @@
+"""A fingerprint of the host a measurement ran on: CPU, ISA flags, cores, library versions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+# ISA extensions that decide whether INT8/BF16/FP16 kernels are fast on x86 CPUs.
+_INTERESTING_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
+_LIBRARIES = ("quantgate", "onnxruntime", "onnx", "numpy", "mlflow", "openvino", "nncf", "torch")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cpu_model: str
+    arch: str
+    logical_cores: int
+    isa_flags: tuple[str, ...]
+    libraries: dict[str, str] = field(default_factory=dict)
+    python: str = platform.python_version()
+
+    @property
+    def int8_dot_product(self) -> bool:
+        """True when the CPU has instructions that make INT8 matmuls fast (VNNI or AMX)."""
+        return any(f in self.isa_flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+    def fingerprint(self) -> str:
+        """Hash of what makes latency comparable: CPU model, flags, cores (not library versions)."""
+        key = json.dumps([self.cpu_model, self.arch, self.logical_cores, self.isa_flags])
+        return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+    def as_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["int8_dot_product"] = self.int8_dot_product
+        d["fingerprint"] = self.fingerprint()
+        return d
+
+
+def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, tuple[str, ...]]:
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        text = path.read_text()
+    except OSError:
+        return model, ()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model in ("", platform.machine(), platform.processor()):
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = value
+    present = set(flags.split())
+    return model, tuple(f for f in _INTERESTING_FLAGS if f in present)
+
+
+def library_versions() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name in _LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def detect() -> Hardware:
+    model, flags = _cpuinfo()
+    return Hardware(
+        cpu_model=model,
+        arch=platform.machine(),
+        logical_cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+        isa_flags=flags,
+        libraries=library_versions(),
+    )

@@ -1,0 +1,224 @@
+"""The domain steps of one compression, as plain functions the Prefect flow calls (and tests call directly).
+
+resolve -> intake -> load data -> per recipe: compress + validate + judge -> choose winner -> record.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantgate import gate, registry
+from quantgate.data import NpzDataset, resolve_data_uri
+from quantgate.errors import BackendError, BackendUnavailable, DataError, InvalidModel, PolicyError
+from quantgate.hardware import Hardware
+from quantgate.intake import to_onnx
+from quantgate.model import ModelInfo
+from quantgate.plugins.base import (
+    Backend,
+    Calibration,
+    Candidate,
+    Recipe,
+    Runner,
+    load_backend,
+    select_recipes,
+)
+from quantgate.policy import Policy
+from quantgate.result import CandidateResult
+from quantgate.validators.base import (
+    EvalOutputs,
+    ValidationContext,
+    Validator,
+    collect_outputs,
+    load_validators,
+)
+
+log = logging.getLogger("quantgate")
+
+DATA_TAGS = {"calibration": "quantgate.calibration", "evaluation": "quantgate.evaluation"}
+
+
+@dataclass(frozen=True)
+class Intake:
+    model: ModelInfo
+    flavor: str
+
+
+@dataclass(frozen=True)
+class DataSets:
+    calibration: NpzDataset
+    evaluation: NpzDataset
+    calibration_uri: str
+    evaluation_uri: str
+
+
+def intake(source: registry.SourceVersion, workdir: Path) -> Intake:
+    """Download the pinned version into ``workdir`` and turn it into an ONNX file we can load."""
+    log.info("downloading %s", source.uri)
+    local = registry.download(source, workdir / "source")
+    model, flavor = to_onnx(local, workdir / "intake")
+    from quantgate.plugins.onnxruntime import OrtRunner
+
+    try:
+        OrtRunner(model.path, threads=1)
+    except BackendError as exc:
+        raise InvalidModel(f"{source.uri}: {exc}") from None
+    log.info("intake: %s flavor, inputs %s", flavor, ", ".join(t.describe() for t in model.inputs))
+    return Intake(model, flavor)
+
+
+def _data_uri(role: str, policy: Policy, source: registry.SourceVersion) -> str:
+    uri = getattr(policy.data, role)
+    if uri:
+        return str(uri)
+    tagged = source.tags.get(DATA_TAGS[role])
+    if tagged:
+        return tagged
+    raise DataError(
+        f"no {role} data: set data.{role} in the policy or tag {source.uri} with {DATA_TAGS[role]}=<uri of a .npz>"
+    )
+
+
+def load_data(policy: Policy, source: registry.SourceVersion, model: ModelInfo, workdir: Path) -> DataSets:
+    """Find, fetch and check both data sets against the model's inputs before anything is compressed."""
+    calib_uri = _data_uri("calibration", policy, source)
+    eval_uri = _data_uri("evaluation", policy, source)
+    calib = NpzDataset.open(resolve_data_uri(calib_uri, workdir / "data" / "calibration"))
+    calib.check_against(model.inputs, role="calibration")
+    evaluation = NpzDataset.open(resolve_data_uri(eval_uri, workdir / "data" / "evaluation"))
+    evaluation.check_against(model.inputs, role="evaluation")
+    if not evaluation.has_labels and policy.gate.min_fidelity is None:
+        raise PolicyError(
+            "nothing to prove quality with: the evaluation data has no 'labels' array and gate.min_fidelity is not set"
+        )
+    return DataSets(calib, evaluation, calib_uri, eval_uri)
+
+
+@dataclass(frozen=True)
+class PlannedRecipe:
+    backend: str
+    recipe: Recipe | None  # None: the backend itself is unavailable
+    unavailable: str = ""
+
+
+def plan(policy: Policy, model: ModelInfo) -> list[PlannedRecipe]:
+    """Every (backend, recipe) pair the policy asks for, in policy order."""
+    out: list[PlannedRecipe] = []
+    known: set[str] = set()
+    for name in policy.backends:
+        try:
+            backend = load_backend(name)
+        except BackendUnavailable as exc:
+            out.append(PlannedRecipe(name, None, str(exc)))
+            continue
+        status = backend.available()
+        if not status.ok:
+            hint = f" ({status.hint})" if status.hint else ""
+            out.append(PlannedRecipe(name, None, f"backend '{name}' is unavailable: {status.reason}{hint}"))
+            continue
+        known.update(r.name for r in backend.recipes(model))
+        out.extend(PlannedRecipe(name, r) for r in select_recipes(backend, model, policy.recipes))
+    if policy.recipes is not None:
+        unknown = sorted(set(policy.recipes) - known)
+        if unknown and known:
+            raise PolicyError(f"unknown recipe(s) {', '.join(unknown)}; available: {', '.join(sorted(known))}")
+    if not any(p.recipe for p in out) and not any(p.unavailable for p in out):
+        raise PolicyError("the policy selects no recipe to run")
+    return out
+
+
+@dataclass
+class Baseline:
+    """The FP32 model on one backend's runtime, with its evaluation outputs computed once."""
+
+    backend: Backend
+    candidate: Candidate
+    runner: Runner
+    outputs: EvalOutputs
+
+
+def baseline_for(backend_name: str, model: ModelInfo, data: DataSets, policy: Policy, workdir: Path) -> Baseline:
+    backend = load_backend(backend_name)
+    cand = backend.baseline(model, workdir / backend_name)
+    runner = backend.runner(cand, threads=policy.latency.threads)
+    outputs = collect_outputs(runner, data.evaluation, policy.data.evaluation_samples)
+    return Baseline(backend, cand, runner, outputs)
+
+
+@dataclass
+class CandidateRun:
+    result: CandidateResult
+    compress_s: float = 0.0
+    validate_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluate(
+    base: Baseline,
+    recipe: Recipe,
+    model: ModelInfo,
+    data: DataSets,
+    policy: Policy,
+    hardware: Hardware,
+    workdir: Path,
+    validators: list[Validator] | None = None,
+) -> CandidateRun:
+    """Compress with one recipe, measure it against the baseline, and judge it. Never raises BackendError."""
+    t0 = time.perf_counter()
+    calib = Calibration(data.calibration, policy.data.calibration_batch_size, policy.data.calibration_samples)
+    try:
+        cand = base.backend.compress(model, recipe, calib, workdir / recipe.backend / recipe.name)
+        runner = base.backend.runner(cand, threads=policy.latency.threads)
+    except BackendError as exc:
+        log.info("%s/%s failed to build: %s", recipe.backend, recipe.name, exc)
+        verdict = gate.judge({}, policy.gate, has_labels=data.evaluation.has_labels, error=str(exc))
+        return CandidateRun(CandidateResult(recipe, {}, verdict, hardware), time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    ctx = ValidationContext(
+        baseline=base.candidate,
+        candidate=cand,
+        baseline_runner=base.runner,
+        candidate_runner=runner,
+        evaluation=data.evaluation,
+        baseline_outputs=base.outputs,
+        latency=policy.latency,
+        hardware=hardware,
+        eval_limit=policy.data.evaluation_samples,
+    )
+    metrics: dict[str, float] = {}
+    details: dict[str, object] = {}
+    for validator in validators if validators is not None else load_validators():
+        if validator.applies(ctx):
+            measurement = validator.measure(ctx)
+            metrics.update(measurement.metrics)
+            details[measurement.validator] = measurement.details
+    verdict = gate.judge(metrics, policy.gate, has_labels=data.evaluation.has_labels)
+    result = CandidateResult(
+        recipe, metrics, verdict, hardware, artifact=cand.artifact, notes=list(cand.notes), details=details
+    )
+    log.info(
+        "%s/%s: %s (speedup %.2fx)",
+        recipe.backend,
+        recipe.name,
+        "passed" if verdict.passed else "failed",
+        metrics.get("speedup", 0.0),
+    )
+    return CandidateRun(result, t1 - t0, time.perf_counter() - t1)
+
+
+def unavailable_result(planned: PlannedRecipe, hardware: Hardware, has_labels: bool, policy: Policy) -> CandidateResult:
+    recipe = Recipe.make(planned.backend, "(backend unavailable)", "none")
+    verdict = gate.judge({}, policy.gate, has_labels=has_labels, error=planned.unavailable)
+    return CandidateResult(recipe, {}, verdict, hardware)
+
+
+def promote(results: list[CandidateResult]) -> CandidateResult | None:
+    """Mark and return the fastest passing candidate."""
+    index = gate.choose_winner([(r.verdict, r.metrics) for r in results])
+    if index is None:
+        return None
+    results[index].promoted = True
+    return results[index]

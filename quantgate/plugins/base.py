@@ -1,0 +1,132 @@
+"""The backend interface and the entry-point registry every backend (ours included) is found through."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from quantgate.data import NpzDataset
+from quantgate.errors import BackendUnavailable, PolicyError
+from quantgate.model import ModelInfo
+
+log = logging.getLogger(__name__)
+
+BACKENDS_GROUP = "quantgate.backends"
+
+SettingValue = str | int | float | bool | None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way to compress a model. ``name`` is stable; ``digest`` covers every setting."""
+
+    backend: str
+    name: str
+    precision: str  # "int8", "fp16", ... names the sibling registered model
+    settings: tuple[tuple[str, SettingValue], ...] = ()
+
+    @classmethod
+    def make(cls, backend: str, name: str, precision: str, **settings: SettingValue) -> Recipe:
+        return cls(backend, name, precision, tuple(sorted(settings.items())))
+
+    @property
+    def options(self) -> dict[str, SettingValue]:
+        return dict(self.settings)
+
+    @property
+    def digest(self) -> str:
+        payload: dict[str, object] = {"backend": self.backend, "name": self.name, "precision": self.precision}
+        payload["settings"] = dict(self.settings)
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What a backend produced for one recipe: an artifact on disk and how it was made."""
+
+    recipe: Recipe
+    artifact: Path
+    notes: tuple[str, ...] = ()
+    files: tuple[Path, ...] = field(default=())  # every file that makes up the artifact (for size)
+
+    @property
+    def size_bytes(self) -> int:
+        paths = self.files or (self.artifact,)
+        return sum(p.stat().st_size for p in paths)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration data as a backend sees it: a streamed data set, a batch size and a sample cap."""
+
+    dataset: NpzDataset
+    batch_size: int = 16
+    limit: int | None = None
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """Something validators can call: inputs by name in, outputs in graph order out."""
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str = ""
+    hint: str = ""
+
+
+class Backend(Protocol):
+    name: str
+
+    def available(self) -> Availability: ...
+
+    def recipes(self, model: ModelInfo) -> list[Recipe]: ...
+
+    def baseline(self, model: ModelInfo, workdir: Path) -> Candidate: ...
+
+    def compress(self, model: ModelInfo, recipe: Recipe, calib: Calibration, workdir: Path) -> Candidate: ...
+
+    def runner(self, candidate: Candidate, *, threads: int) -> Runner: ...
+
+
+def _entry_points(group: str) -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=group)}
+
+
+def backend_names() -> list[str]:
+    return sorted(_entry_points(BACKENDS_GROUP))
+
+
+def load_backend(name: str) -> Backend:
+    """Instantiate the backend registered under ``name`` in the ``quantgate.backends`` group."""
+    eps = _entry_points(BACKENDS_GROUP)
+    if name not in eps:
+        known = ", ".join(sorted(eps)) or "none"
+        raise PolicyError(f"unknown backend '{name}' (installed backends: {known})")
+    try:
+        factory = eps[name].load()
+    except ImportError as exc:
+        hint = f"pip install quantgate[{name}]"
+        raise BackendUnavailable(name, f"cannot import {eps[name].value}: {exc}", hint) from None
+    backend: Backend = factory()
+    return backend
+
+
+def select_recipes(backend: Backend, model: ModelInfo, wanted: Sequence[str] | None) -> list[Recipe]:
+    """The backend's recipes for this model, restricted to ``wanted`` when given."""
+    recipes = backend.recipes(model)
+    if wanted is None:
+        return recipes
+    return [r for r in recipes if r.name in set(wanted)]

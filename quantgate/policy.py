@@ -1,0 +1,131 @@
+"""The policy file: which backends and recipes to try, on which data, and what a candidate must prove.
+
+Validated with pydantic at the edge; everything downstream receives a typed ``Policy``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from quantgate.errors import PolicyError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataPolicy(_Strict):
+    calibration: str | None = Field(default=None, description="Local path or MLflow artifact URI of a .npz")
+    evaluation: str | None = Field(default=None, description="Local path or MLflow artifact URI of a .npz")
+    calibration_samples: int = Field(default=512, ge=1, description="Most calibration samples used")
+    calibration_batch_size: int = Field(default=16, ge=1)
+    evaluation_samples: int | None = Field(default=None, ge=1, description="Cap on evaluation samples")
+
+
+class GatePolicy(_Strict):
+    max_accuracy_drop: float | None = Field(default=0.01, ge=0.0, le=1.0)
+    min_fidelity: float | None = Field(default=None, ge=-1.0, le=1.0)
+    min_speedup: float | None = Field(default=1.1, gt=0.0)
+    max_size_ratio: float | None = Field(default=1.0, gt=0.0)
+    speedup_statistic: Literal["p50", "ci_low"] = Field(
+        default="ci_low",
+        description="Gate on the point estimate (p50 ratio) or on the lower end of its 95% confidence interval",
+    )
+
+
+class LatencyPolicy(_Strict):
+    threads: int = Field(default=1, ge=1, description="intra-op threads, fixed for baseline and candidate")
+    warmup: int = Field(default=20, ge=0)
+    rounds: int = Field(default=200, ge=5)
+    batch_sizes: tuple[int, ...] = Field(default=(1,), min_length=1)
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(b < 1 for b in v):
+            raise ValueError("batch sizes must be >= 1")
+        return v
+
+
+class RegistryPolicy(_Strict):
+    experiment: str = "quantgate"
+    alias: str = "compressed"
+    register_all_passing: bool = Field(
+        default=True, description="Register every passing candidate (true) or only the promoted one (false)"
+    )
+
+
+class Policy(_Strict):
+    backends: tuple[str, ...] = Field(default=("onnxruntime",), min_length=1)
+    recipes: tuple[str, ...] | None = Field(default=None, description="Restrict to these recipe names")
+    data: DataPolicy = DataPolicy()
+    gate: GatePolicy = GatePolicy()
+    latency: LatencyPolicy = LatencyPolicy()
+    registry: RegistryPolicy = RegistryPolicy()
+
+    def digest(self) -> str:
+        """A stable hash of every setting, used for lineage and idempotency."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def with_data(self, calibration: str | None, evaluation: str | None) -> Policy:
+        data = self.data.model_copy(
+            update={
+                "calibration": calibration or self.data.calibration,
+                "evaluation": evaluation or self.data.evaluation,
+            }
+        )
+        return self.model_copy(update={"data": data})
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown setting"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"invalid policy {source}: {where}: {msg}{more}"
+
+
+def parse_policy(data: object, source: str = "<policy>") -> Policy:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PolicyError(f"invalid policy {source}: expected a mapping at the top level")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(_format_error(source, exc)) from None
+
+
+def load_policy(path: Path | None) -> Policy:
+    """Read a YAML policy; ``None`` gives the documented defaults."""
+    if path is None:
+        return Policy()
+    if not path.is_file():
+        raise PolicyError(f"policy file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise PolicyError(f"invalid policy {path.name}: not valid YAML{where}") from None
+    policy = parse_policy(raw, path.name)
+    # Relative data paths are relative to the policy file, as a user reading the file expects.
+    return policy.with_data(
+        _relative_to(policy.data.calibration, path.parent), _relative_to(policy.data.evaluation, path.parent)
+    )
+
+
+def _relative_to(uri: str | None, base: Path) -> str | None:
+    if uri is None or "://" in uri or uri.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+        return uri
+    p = Path(uri).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())

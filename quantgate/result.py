@@ -1,0 +1,101 @@
+"""The outcome of one compression: candidates, verdicts, the promoted one, as objects and as JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quantgate.gate import Verdict
+from quantgate.hardware import Hardware
+from quantgate.plugins.base import Recipe
+from quantgate.registry import SourceVersion
+
+# Metrics every candidate reports in the JSON document's short form, in this order.
+HEADLINE_METRICS = (
+    "speedup",
+    "speedup_ci_low",
+    "speedup_ci_high",
+    "size_ratio",
+    "latency_p50_ms",
+    "baseline_latency_p50_ms",
+    "accuracy_drop",
+    "accuracy",
+    "fidelity",
+)
+
+
+@dataclass
+class CandidateResult:
+    recipe: Recipe
+    metrics: dict[str, float]
+    verdict: Verdict
+    hardware: Hardware
+    artifact: Path | None = None
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, object] = field(default_factory=dict)
+    run_id: str | None = None
+    registered_uri: str | None = None
+    promoted: bool = False
+
+    @property
+    def backend(self) -> str:
+        return self.recipe.backend
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict.passed
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "backend": self.backend,
+            "recipe": self.recipe.name,
+            "recipe_hash": self.recipe.digest,
+            "settings": self.recipe.options,
+            "passed": self.passed,
+            "promoted": self.promoted,
+            "reasons": self.verdict.reasons,
+            "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in self.verdict.checks],
+            "metrics": {k: self.metrics[k] for k in HEADLINE_METRICS if k in self.metrics},
+            "all_metrics": dict(sorted(self.metrics.items())),
+            "notes": self.notes,
+            "registered_uri": self.registered_uri,
+            "run_id": self.run_id,
+            "hardware_fingerprint": self.hardware.fingerprint(),
+        }
+
+
+@dataclass
+class CompressionResult:
+    source: SourceVersion
+    flavor: str
+    policy_hash: str
+    hardware: Hardware
+    candidates: list[CandidateResult]
+    experiment: str
+    parent_run_id: str | None = None
+    tracking_uri: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def promoted(self) -> CandidateResult | None:
+        return next((c for c in self.candidates if c.promoted), None)
+
+    @property
+    def promoted_uri(self) -> str | None:
+        winner = self.promoted
+        return winner.registered_uri if winner else None
+
+    def to_document(self) -> dict[str, object]:
+        return {
+            "source": {"name": self.source.name, "version": self.source.version, "uri": self.source.uri},
+            "flavor": self.flavor,
+            "policy_hash": self.policy_hash,
+            "outcome": "promoted" if self.promoted else "none_passed",
+            "promoted_uri": self.promoted_uri,
+            "candidates": [c.to_dict() for c in self.candidates],
+            "hardware": self.hardware.as_dict(),
+            "experiment": self.experiment,
+            "parent_run_id": self.parent_run_id,
+            "tracking_uri": self.tracking_uri,
+            "timings_s": self.timings,
+        }

@@ -1,0 +1,261 @@
+"""Record a compression in MLflow: a parent run, one child run per candidate, registered versions, tags.
+
+Registration is all or nothing: versions created by this call are deleted again if a later step fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from quantgate import registry
+from quantgate.errors import RegistrationError
+from quantgate.model import ModelInfo
+from quantgate.policy import Policy
+from quantgate.registry import TAG
+from quantgate.result import CandidateResult, CompressionResult
+
+log = logging.getLogger("quantgate")
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return str(exp.experiment_id)
+    return str(client.create_experiment(name))
+
+
+def _signature(model: ModelInfo) -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    def spec(t: Any) -> Any:
+        return TensorSpec(t.dtype, tuple(-1 if d is None else d for d in t.shape), t.name)
+
+    return ModelSignature(Schema([spec(t) for t in model.inputs]), Schema([spec(t) for t in model.outputs]))
+
+
+def _log_json(client: Any, run_id: str, name: str, payload: object) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+        client.log_artifact(run_id, str(path))
+
+
+def _lineage_tags(result: CompressionResult, cand: CandidateResult) -> dict[str, str]:
+    hw = cand.hardware
+    tags: dict[str, object] = {
+        registry.MANAGED_TAG: "true",
+        TAG + "source_name": result.source.name,
+        TAG + "source_version": result.source.version,
+        TAG + "source_uri": result.source.uri,
+        TAG + "source_run_id": result.source.run_id or "",
+        TAG + "backend": cand.backend,
+        TAG + "recipe": cand.recipe.name,
+        TAG + "recipe_hash": cand.recipe.digest,
+        TAG + "policy_hash": result.policy_hash,
+        TAG + "candidate_run_id": cand.run_id or "",
+        TAG + "hardware": hw.fingerprint(),
+        TAG + "cpu": hw.cpu_model,
+        TAG + "isa": ",".join(hw.isa_flags),
+        TAG + "libraries": hw.libraries,
+    }
+    for key in ("speedup", "speedup_ci_low", "size_ratio", "accuracy_drop", "fidelity", "latency_p50_ms"):
+        if key in cand.metrics:
+            tags[f"{TAG}metric.{key}"] = f"{cand.metrics[key]:.6g}"
+    return registry.tags_to_strings(tags)
+
+
+def _log_candidate(
+    client: Any,
+    exp_id: str,
+    parent_id: str,
+    result: CompressionResult,
+    cand: CandidateResult,
+    model: ModelInfo,
+    log_model: bool,
+) -> str | None:
+    """Child run for one candidate; returns the logged model URI when the model was logged."""
+    import mlflow
+
+    run = client.create_run(
+        exp_id,
+        run_name=f"{cand.backend}/{cand.recipe.name}",
+        tags={
+            "mlflow.parentRunId": parent_id,
+            TAG + "backend": cand.backend,
+            TAG + "recipe": cand.recipe.name,
+            TAG + "passed": str(cand.passed).lower(),
+            TAG + "promoted": str(cand.promoted).lower(),
+            TAG + "source_uri": result.source.uri,
+            TAG + "hardware": cand.hardware.fingerprint(),
+        },
+    )
+    run_id = str(run.info.run_id)
+    cand.run_id = run_id
+    params = {"backend": cand.backend, "recipe": cand.recipe.name, "recipe_hash": cand.recipe.digest}
+    params.update({f"recipe.{k}": str(v) for k, v in cand.recipe.settings})
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    for name, metric in sorted(cand.metrics.items()):
+        client.log_metric(run_id, name, float(metric))
+    report = cand.to_dict() | {"details": cand.details, "hardware": cand.hardware.as_dict()}
+    _log_json(client, run_id, "report.json", report)
+    model_uri = None
+    if log_model and cand.artifact is not None:
+        import onnx
+        from mlflow.models import Model
+
+        # Explicit experiment and run ids: the fluent API would use whatever experiment is active in
+        # this process, which is the caller's, not ours.
+        logged = client.create_logged_model(experiment_id=exp_id, name="model", source_run_id=run_id)
+        info = Model.log(
+            artifact_path=None,
+            name="model",
+            flavor=mlflow.onnx,
+            run_id=run_id,
+            model_id=logged.model_id,
+            onnx_model=onnx.load(str(cand.artifact)),
+            signature=_signature(model),
+            pip_requirements=serving_requirements(cand.hardware.libraries),
+            onnx_execution_providers=["CPUExecutionProvider"],
+        )
+        model_uri = str(info.model_uri)
+    client.set_terminated(run_id, "FINISHED")
+    return model_uri
+
+
+def serving_requirements(libraries: dict[str, str]) -> list[str]:
+    """Exact pins of what serving the ONNX version needs, so it loads the same in a fresh environment.
+
+    Given explicitly because MLflow's inference spawns a Python process per logged model (~3 s each).
+    """
+    return [f"{lib}=={libraries[lib]}" for lib in ("mlflow", "onnx", "onnxruntime", "numpy") if lib in libraries]
+
+
+def _wants_registration(policy: Policy, cand: CandidateResult) -> bool:
+    return cand.passed and (policy.registry.register_all_passing or cand.promoted)
+
+
+def record(client: Any, result: CompressionResult, policy: Policy, model: ModelInfo, data_uris: dict[str, str]) -> None:
+    """Log every candidate, register the passing ones, alias the winner, tag the source version."""
+    exp_id = _experiment_id(client, policy.registry.experiment)
+    parent = client.create_run(
+        exp_id,
+        run_name=f"compress {result.source.name} v{result.source.version}",
+        tags={
+            TAG + "source_name": result.source.name,
+            TAG + "source_version": result.source.version,
+            TAG + "policy_hash": result.policy_hash,
+            TAG + "hardware": result.hardware.fingerprint(),
+        },
+    )
+    parent_id = str(parent.info.run_id)
+    result.parent_run_id = parent_id
+    try:
+        client.log_param(parent_id, "source_uri", result.source.uri)
+        client.log_param(parent_id, "policy_hash", result.policy_hash)
+        for role, uri in data_uris.items():
+            client.log_param(parent_id, f"data.{role}", uri)
+        to_register: list[tuple[CandidateResult, str]] = []
+        for cand in result.candidates:
+            logged = _log_candidate(client, exp_id, parent_id, result, cand, model, _wants_registration(policy, cand))
+            if logged is not None:
+                to_register.append((cand, logged))
+        _register(client, result, policy, to_register)
+        _tag_source(client, result, parent_id)
+        client.log_metric(parent_id, "candidates", len(result.candidates))
+        client.log_metric(parent_id, "passed", sum(c.passed for c in result.candidates))
+        _log_json(client, parent_id, "result.json", result.to_document())
+        _log_json(client, parent_id, "policy.json", policy.model_dump(mode="json"))
+    except BaseException:
+        client.set_terminated(parent_id, "FAILED")
+        raise
+    client.set_terminated(parent_id, "FINISHED")
+
+
+def _register(
+    client: Any, result: CompressionResult, policy: Policy, to_register: list[tuple[CandidateResult, str]]
+) -> None:
+    created: list[tuple[str, str]] = []
+    created_models: list[str] = []
+    try:
+        for cand, model_uri in to_register:
+            name = registry.sibling_name(result.source.name, cand.backend, cand.recipe.precision)
+            existing = registry.find_existing(client, name, result.source, cand.recipe.digest)
+            if existing is not None:
+                log.info("%s/%s already registered as %s v%s", cand.backend, cand.recipe.name, name, existing)
+                cand.registered_uri = f"models:/{name}/{existing}"
+                continue
+            if not _registered_model_exists(client, name):
+                client.create_registered_model(name, tags={registry.MANAGED_TAG: "true"})
+                created_models.append(name)
+            mv = client.create_model_version(
+                name,
+                model_uri,
+                run_id=cand.run_id,
+                tags=_lineage_tags(result, cand),
+                model_id=model_uri.removeprefix("models:/"),
+            )
+            created.append((name, str(mv.version)))
+            cand.registered_uri = f"models:/{name}/{mv.version}"
+        winner = result.promoted
+        if winner is not None and winner.registered_uri is not None:
+            name, _, version = winner.registered_uri.removeprefix("models:/").rpartition("/")
+            client.set_registered_model_alias(name, policy.registry.alias, version)
+    except Exception as exc:
+        _rollback(client, created, created_models)
+        for cand, _ in to_register:
+            cand.registered_uri = None
+        raise RegistrationError(f"registration failed and was rolled back: {exc}") from exc
+
+
+def _registered_model_exists(client: Any, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
+def _rollback(client: Any, created: list[tuple[str, str]], created_models: list[str]) -> None:
+    """Delete what this call registered, newest first; models it created go too."""
+    for name, version in reversed(created):
+        try:
+            client.delete_model_version(name, version)
+        except Exception as exc:  # best effort: report what is left, keep unwinding the rest
+            log.error("could not roll back %s v%s: %s", name, version, exc)
+    for name in created_models:
+        try:
+            client.delete_registered_model(name)
+        except Exception as exc:
+            log.error("could not roll back registered model %s: %s", name, exc)
+
+
+def _tag_source(client: Any, result: CompressionResult, parent_id: str) -> None:
+    winner = result.promoted
+    if winner is not None:
+        summary = (
+            f"promoted {winner.registered_uri}: {winner.backend}/{winner.recipe.name}, "
+            f"{winner.metrics.get('speedup', 0):.2f}x faster, size x{winner.metrics.get('size_ratio', 0):.2f}"
+        )
+    else:
+        summary = f"no candidate passed the gate ({len(result.candidates)} tried)"
+    tags = {
+        TAG + "outcome": "promoted" if winner else "none_passed",
+        TAG + "summary": summary,
+        TAG + "compressed_uri": winner.registered_uri if winner and winner.registered_uri else "",
+        TAG + "last_run_id": parent_id,
+        TAG + "policy_hash": result.policy_hash,
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(result.source.name, result.source.version, key, value)

@@ -1,0 +1,92 @@
+"""The validator interface: (baseline, candidate, data, host) in, measurements out. Validators never decide."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import metadata
+from typing import Protocol
+
+import numpy as np
+
+from quantgate.data import NpzDataset
+from quantgate.errors import PolicyError
+from quantgate.hardware import Hardware
+from quantgate.plugins.base import Candidate, Runner
+from quantgate.policy import LatencyPolicy
+
+log = logging.getLogger(__name__)
+
+VALIDATORS_GROUP = "quantgate.validators"
+EVAL_BATCH = 64
+
+
+@dataclass(frozen=True)
+class EvalOutputs:
+    """A model's first output over the evaluation set, one row per sample."""
+
+    outputs: np.ndarray
+    labels: np.ndarray | None
+
+
+def collect_outputs(runner: Runner, dataset: NpzDataset, limit: int | None) -> EvalOutputs:
+    rows: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for batch in dataset.batches(EVAL_BATCH, limit=limit):
+        out = runner.run(batch.inputs)[0]
+        rows.append(np.asarray(out, dtype=np.float32).reshape(out.shape[0], -1))
+        if batch.labels is not None:
+            labels.append(batch.labels)
+    return EvalOutputs(np.concatenate(rows), np.concatenate(labels) if labels else None)
+
+
+@dataclass
+class ValidationContext:
+    """Everything a validator may look at for one candidate; evaluation outputs are computed once."""
+
+    baseline: Candidate
+    candidate: Candidate
+    baseline_runner: Runner
+    candidate_runner: Runner
+    evaluation: NpzDataset
+    baseline_outputs: EvalOutputs
+    latency: LatencyPolicy
+    hardware: Hardware
+    eval_limit: int | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @cached_property
+    def candidate_outputs(self) -> EvalOutputs:
+        return collect_outputs(self.candidate_runner, self.evaluation, self.eval_limit)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    validator: str
+    metrics: dict[str, float]
+    details: dict[str, object] = field(default_factory=dict)
+
+
+class Validator(Protocol):
+    name: str
+
+    def applies(self, ctx: ValidationContext) -> bool: ...
+
+    def measure(self, ctx: ValidationContext) -> Measurement: ...
+
+
+def load_validators() -> list[Validator]:
+    """Every validator registered in the ``quantgate.validators`` group, ours included.
+
+    A third-party validator that fails to import is skipped with a warning, as MLflow does for plugins.
+    """
+    out: list[Validator] = []
+    for ep in sorted(metadata.entry_points(group=VALIDATORS_GROUP), key=lambda e: e.name):
+        try:
+            out.append(ep.load()())
+        except Exception as exc:  # a broken plugin must not break the tool
+            log.warning("validator plugin %s could not be loaded: %s", ep.name, exc)
+    if not out:
+        raise PolicyError("no validators are installed (entry-point group quantgate.validators is empty)")
+    return out

@@ -1,0 +1,192 @@
+"""Shared fixtures: the digits CNN trained once per test run, its data, real local MLflow stores."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+warnings.filterwarnings("ignore")
+
+FAST_LATENCY = {"threads": 1, "warmup": 5, "rounds": 40, "batch_sizes": [1]}
+
+
+@pytest.fixture(scope="session")
+def digits() -> Any:
+    from quantgate.demo import digits_data
+
+    return digits_data()
+
+
+@pytest.fixture(scope="session")
+def digits_cnn(digits: Any) -> Any:
+    from quantgate.demo import train_cnn
+
+    return train_cnn(digits, epochs=4)
+
+
+@pytest.fixture(scope="session")
+def data_dir(digits: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from quantgate.demo import write_data
+
+    d = tmp_path_factory.mktemp("digits-data")
+    write_data(digits, d, calibration_samples=256)
+    return d
+
+
+@pytest.fixture(scope="session")
+def eval_data(data_dir: Path) -> dict[str, np.ndarray]:
+    with np.load(data_dir / "evaluation.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="session")
+def calib_npz(data_dir: Path) -> Path:
+    return data_dir / "calibration.npz"
+
+
+@pytest.fixture(scope="session")
+def eval_npz(data_dir: Path) -> Path:
+    return data_dir / "evaluation.npz"
+
+
+def export_onnx(module: Any, shape: tuple[int, ...], path: Path, input_name: str = "input") -> Path:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (torch.zeros(shape),),
+            str(path),
+            input_names=[input_name],
+            output_names=["output"],
+            dynamic_axes={input_name: {0: "batch"}, "output": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_onnx(digits_cnn: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_onnx(digits_cnn, (1, 1, 32, 32), tmp_path_factory.mktemp("onnx") / "digits.onnx")
+
+
+@pytest.fixture(scope="session")
+def _empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite database with its schema migrated once; each test gets a copy (saves ~4 s a test)."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path: Path, _empty_store: Path) -> Iterator[str]:
+    """A fresh real MLflow SQLite store (with a local artifact root) for one test."""
+    import shutil
+
+    import mlflow
+
+    shutil.copy(_empty_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # default artifact location ./mlruns lands in tmp_path
+    mlflow.set_experiment("tests")  # the fluent API remembers the last test's experiment id otherwise
+    try:
+        yield uri
+    finally:
+        os.chdir(cwd)
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
+def register_onnx(tracking_uri: str, path: Path, name: str) -> str:
+    import mlflow
+    import onnx
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("training")
+    with mlflow.start_run():
+        info = mlflow.onnx.log_model(
+            onnx.load(str(path)), name="model", registered_model_name=name, pip_requirements=["onnxruntime"]
+        )
+    return f"models:/{name}/{info.registered_model_version}"
+
+
+def test_policy(calib: Path, evaluation: Path, **overrides: Any) -> dict[str, Any]:
+    """A policy dict that runs fast: two contrasting recipes, short latency runs."""
+    policy: dict[str, Any] = {
+        "backends": ["onnxruntime"],
+        "recipes": ["int8-static-qdq-minmax-perchannel", "int8-dynamic"],
+        "data": {"calibration": str(calib), "evaluation": str(evaluation), "calibration_samples": 128},
+        "latency": FAST_LATENCY,
+    }
+    policy.update(overrides)
+    return policy
+
+
+test_policy.__test__ = False  # type: ignore[attr-defined]
+
+
+def model_versions(tracking_uri: str) -> list[tuple[str, str, dict[str, str]]]:
+    """(name, version, tags) of every registered version in the store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    return sorted((mv.name, str(mv.version), dict(mv.tags)) for mv in client.search_model_versions(max_results=1000))
+
+
+@pytest.fixture()
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """Prefect's own test harness: a temporary server and database for the whole test run."""
+    from quantgate.flows.runtime import configure_prefect_env
+
+    configure_prefect_env()
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def registered_digits_template(
+    digits_onnx: Path, _empty_store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A store with the digits CNN registered as digits/1; tests copy it (store + artifacts)."""
+    d = tmp_path_factory.mktemp("registered-template")
+    import shutil
+
+    shutil.copy(_empty_store, d / "mlflow.db")
+    cwd = os.getcwd()
+    os.chdir(d)
+    try:
+        register_onnx(f"sqlite:///{d}/mlflow.db", digits_onnx, "digits")
+    finally:
+        os.chdir(cwd)
+    return d

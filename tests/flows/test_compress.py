@@ -1,0 +1,122 @@
+"""The compress-model flow end to end: real MLflow store, real Prefect (test harness), real quantization."""
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from quantgate.errors import DataError, PolicyError
+from quantgate.flows.compress import compress_model
+from tests.conftest import model_versions, register_onnx, test_policy
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.fixture()
+def digits_uri(tracking_uri: str, digits_onnx: Path) -> str:
+    return register_onnx(tracking_uri, digits_onnx, "digits")
+
+
+def _by_recipe(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["recipe"]: c for c in doc["candidates"]}
+
+
+def test_flow_promotes_static_int8_rejects_dynamic_and_registers_with_lineage(
+    tracking_uri: str, digits_uri: str, calib_npz: Path, eval_npz: Path, eval_data: Any
+) -> None:
+    doc = compress_model(digits_uri, test_policy(calib_npz, eval_npz), tracking_uri)
+
+    cands = _by_recipe(doc)
+    static, dynamic = cands["int8-static-qdq-minmax-perchannel"], cands["int8-dynamic"]
+    assert static["passed"] and static["promoted"]
+    assert static["metrics"]["speedup"] > 1.1 and static["metrics"]["size_ratio"] < 0.3
+    assert abs(static["metrics"]["accuracy_drop"]) <= 0.01
+    assert not dynamic["passed"] and any("speedup" in r for r in dynamic["reasons"])
+    assert dynamic["registered_uri"] is None
+    assert doc["promoted_uri"] == static["registered_uri"] == "models:/digits-onnxruntime-int8/1"
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    mv = client.get_model_version_by_alias("digits-onnxruntime-int8", "compressed")
+    assert str(mv.version) == "1"
+    tags = mv.tags
+    assert tags["quantgate.source_name"] == "digits" and tags["quantgate.source_version"] == "1"
+    assert tags["quantgate.recipe"] == "int8-static-qdq-minmax-perchannel"
+    assert tags["quantgate.recipe_hash"] == static["recipe_hash"]
+    assert tags["quantgate.hardware"] == doc["hardware"]["fingerprint"]
+    assert "onnxruntime" in tags["quantgate.libraries"]
+    assert float(tags["quantgate.metric.speedup"]) == pytest.approx(static["metrics"]["speedup"], rel=1e-4)
+
+    source_tags = client.get_model_version("digits", "1").tags
+    assert source_tags["quantgate.outcome"] == "promoted"
+    assert source_tags["quantgate.compressed_uri"] == doc["promoted_uri"]
+
+    runs = client.search_runs([client.get_experiment_by_name("quantgate").experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == doc["parent_run_id"]]
+    assert len(children) == 2
+    assert {r.data.params["recipe"] for r in children} == {"int8-static-qdq-minmax-perchannel", "int8-dynamic"}
+    assert all("speedup" in r.data.metrics for r in children)
+
+    import mlflow.pyfunc
+
+    served = mlflow.pyfunc.load_model(doc["promoted_uri"])
+    x = eval_data["input"][:8]
+    pred = served.predict({"input": x})
+    assert np.argmax(pred["output"], axis=1).tolist() == eval_data["labels"][:8].tolist()
+
+
+def test_rerunning_the_same_source_and_recipe_registers_no_duplicate(
+    tracking_uri: str, digits_uri: str, calib_npz: Path, eval_npz: Path
+) -> None:
+    policy = test_policy(calib_npz, eval_npz, recipes=["int8-static-qdq-minmax-perchannel"])
+    first = compress_model(digits_uri, policy, tracking_uri)
+    second = compress_model(digits_uri, policy, tracking_uri)
+    assert first["promoted_uri"] == second["promoted_uri"] == "models:/digits-onnxruntime-int8/1"
+    compressed = [v for v in model_versions(tracking_uri) if v[0] != "digits"]
+    assert len(compressed) == 1
+
+
+def test_when_nothing_passes_nothing_is_registered_and_the_source_says_why(
+    tracking_uri: str, digits_uri: str, calib_npz: Path, eval_npz: Path
+) -> None:
+    policy = test_policy(calib_npz, eval_npz, gate={"min_speedup": 50.0})
+    doc = compress_model(digits_uri, policy, tracking_uri)
+    assert doc["promoted_uri"] is None and doc["outcome"] == "none_passed"
+    assert all(not c["passed"] and c["reasons"] for c in doc["candidates"])
+    assert [v[0] for v in model_versions(tracking_uri)] == ["digits"]
+    tags = MlflowClient(tracking_uri=tracking_uri).get_model_version("digits", "1").tags
+    assert tags["quantgate.outcome"] == "none_passed"
+
+
+def test_data_that_does_not_match_the_model_registers_nothing(
+    tracking_uri: str, digits_uri: str, eval_npz: Path, tmp_path: Path
+) -> None:
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, input=np.zeros((4, 1, 28, 28), dtype=np.float32))
+    with pytest.raises(DataError, match=r"wrong\.npz"):
+        compress_model(digits_uri, test_policy(wrong, eval_npz), tracking_uri)
+    assert [v[0] for v in model_versions(tracking_uri)] == ["digits"]
+    assert not any(k.startswith("quantgate.") for k in model_versions(tracking_uri)[0][2])
+
+
+def test_data_is_found_through_version_tags_when_the_policy_names_none(
+    tracking_uri: str, digits_uri: str, calib_npz: Path, eval_npz: Path
+) -> None:
+    import mlflow
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(calib_npz), "data")
+        mlflow.log_artifact(str(eval_npz), "data")
+    client.set_model_version_tag("digits", "1", "quantgate.calibration", f"runs:/{run.info.run_id}/data/calibration.npz")
+    client.set_model_version_tag("digits", "1", "quantgate.evaluation", f"runs:/{run.info.run_id}/data/evaluation.npz")
+    policy = test_policy(calib_npz, eval_npz, recipes=["int8-static-qdq-minmax-perchannel"])
+    del policy["data"]
+    doc = compress_model(digits_uri, policy, tracking_uri)
+    assert doc["promoted_uri"] is not None
+
+
+def test_unknown_recipe_is_a_policy_error(tracking_uri: str, digits_uri: str, calib_npz: Path, eval_npz: Path) -> None:
+    with pytest.raises(PolicyError, match="unknown recipe"):
+        compress_model(digits_uri, test_policy(calib_npz, eval_npz, recipes=["int4-magic"]), tracking_uri)
