@@ -30,7 +30,7 @@ app = typer.Typer(
 local_prefect = typer.Typer(no_args_is_help=True, help="The local Prefect server quantgate starts for itself.")
 app.add_typer(local_prefect, name="local-prefect")
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 
@@ -57,6 +57,14 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+def _drop_library_root_handlers() -> None:
+    """Some imports (mlflow.pytorch's dependencies) call logging.basicConfig, which echoes every INFO
+    record that propagates to the root logger, Prefect's task-run logs included, onto the user's terminal."""
+    for handler in list(logging.root.handlers):
+        if type(handler) is logging.StreamHandler:
+            logging.root.removeHandler(handler)
+
+
 def _fail(message: str, code: int) -> typer.Exit:
     err.print(f"quantgate: error: {message}", markup=False)
     return typer.Exit(code)
@@ -65,6 +73,9 @@ def _fail(message: str, code: int) -> typer.Exit:
 def _prepare_prefect(mode: str) -> None:
     from quantgate.flows.runtime import configure_prefect_env, prefect_api_for_cli
 
+    # The CLI reports every failure itself in one line (README: exit codes); Prefect's console copy of a
+    # failed task, with its traceback, would only repeat it. The API handler still records everything.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     configure_prefect_env()
     prefect_api_for_cli(mode)
 
@@ -72,8 +83,10 @@ def _prepare_prefect(mode: str) -> None:
 def _run_flow(model_uri: str, policy: dict[str, Any], tracking_uri: str, show_progress: bool) -> dict[str, Any]:
     from quantgate.flows.compress import compress_model
 
+    _drop_library_root_handlers()
     qlog = logging.getLogger("quantgate")
     qlog.setLevel(logging.INFO)
+    qlog.propagate = False  # progress goes to the spinner; Prefect's API handler still gets flow logs
     if not show_progress:
         return compress_model(model_uri, policy, tracking_uri)
     with err.status("[bold]quantgate[/] starting", spinner="dots") as status:

@@ -1,0 +1,182 @@
+"""The real `quantgate` command in a subprocess: exit codes, one-line errors, nothing registered on bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import model_versions, register_onnx, test_policy
+
+
+@pytest.fixture(scope="module")
+def qg_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One quantgate-managed local Prefect server for every CLI run in this module, stopped at the end."""
+    from quantgate.flows.runtime import stop_local_server
+
+    home = tmp_path_factory.mktemp("qghome")
+    try:
+        yield home
+    finally:
+        stop_local_server(home)
+
+
+def run_cli(args: list[str], tracking_uri: str, home: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update({"MLFLOW_TRACKING_URI": tracking_uri, "QUANTGATE_HOME": str(home)})
+    exe = str(Path(sys.executable).with_name("quantgate"))
+    return subprocess.run([exe, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def write_policy(path: Path, policy: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+def snapshot(tracking_uri: str) -> list[tuple[str, str, dict[str, str]]]:
+    return model_versions(tracking_uri)
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess[str], message: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("quantgate: error: ") and message in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.fixture()
+def digits_uri(tracking_uri: str, digits_onnx: Path) -> str:
+    return register_onnx(tracking_uri, digits_onnx, "digits")
+
+
+def _artifact_digest(tracking_uri: str) -> str:
+    client = MlflowClient(tracking_uri=tracking_uri)
+    mv = client.get_model_version("digits", "1")
+    root = Path(client.get_logged_model(mv.source.removeprefix("models:/")).artifact_location.removeprefix("file://"))
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())).hexdigest()
+
+
+def test_compress_json_happy_path_exit_0(
+    tracking_uri: str, digits_uri: str, calib_npz: Path, eval_npz: Path, tmp_path: Path, qg_home: Path
+) -> None:
+    policy = write_policy(tmp_path / "p.yaml", test_policy(calib_npz, eval_npz))
+    before = _artifact_digest(tracking_uri)
+    proc = run_cli(["compress", digits_uri, "--policy", str(policy), "--json"], tracking_uri, qg_home, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip() == ""
+    doc = json.loads(proc.stdout)
+    assert doc["source"] == {"name": "digits", "version": "1", "uri": "models:/digits/1"}
+    assert doc["promoted_uri"] == "models:/digits-onnxruntime-int8/1"
+    for cand in doc["candidates"]:
+        assert {"backend", "recipe", "passed", "reasons", "metrics", "registered_uri"} <= set(cand)
+        assert {"speedup", "size_ratio", "latency_p50_ms", "accuracy_drop", "fidelity"} <= set(cand["metrics"])
+    assert _artifact_digest(tracking_uri) == before  # the source model is never touched
+
+
+def test_compress_exit_1_when_no_candidate_passes(
+    tracking_uri: str, digits_uri: str, calib_npz: Path, eval_npz: Path, tmp_path: Path, qg_home: Path
+) -> None:
+    policy = write_policy(
+        tmp_path / "p.yaml",
+        test_policy(calib_npz, eval_npz, recipes=["int8-dynamic"], gate={"max_accuracy_drop": 0.01}),
+    )
+    proc = run_cli(["compress", digits_uri, "--policy", str(policy)], tracking_uri, qg_home, tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "no candidate passed the gate" in proc.stdout and "speedup" in proc.stdout
+    assert [v[0] for v in model_versions(tracking_uri)] == ["digits"]
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("bad-policy", "invalid policy p.yaml: gate.min_speedup"),
+        ("bad-uri", "not a registered model URI"),
+        ("no-model", "registered model 'nope' does not exist"),
+        ("no-version", "registered model 'digits' has no version 9"),
+        ("no-alias", "registered model 'digits' has no alias '@prod'"),
+        ("data-names", "calibration data"),
+        ("data-dtype", "has dtype float64, the model input 'input' needs float32"),
+        ("data-shape", "[N,1,28,28]"),
+        ("no-data", "no calibration data"),
+    ],
+)
+def test_bad_input_exit_2_one_line_nothing_registered(
+    case: str, message: str, tracking_uri: str, digits_uri: str, calib_npz: Path, eval_npz: Path,
+    tmp_path: Path, qg_home: Path,
+) -> None:  # fmt: skip
+    uri = digits_uri
+    policy = test_policy(calib_npz, eval_npz)
+    bad = tmp_path / "bad.npz"
+    if case == "bad-policy":
+        policy["gate"] = {"min_speedup": "fast"}
+    elif case == "bad-uri":
+        uri = "digits/1"
+    elif case == "no-model":
+        uri = "models:/nope/1"
+    elif case == "no-version":
+        uri = "models:/digits/9"
+    elif case == "no-alias":
+        uri = "models:/digits@prod"
+    elif case == "data-names":
+        np.savez(bad, pixels=np.zeros((4, 1, 32, 32), np.float32))
+        policy["data"]["calibration"] = str(bad)
+    elif case == "data-dtype":
+        np.savez(bad, input=np.zeros((4, 1, 32, 32), np.float64))
+        policy["data"]["calibration"] = str(bad)
+    elif case == "data-shape":
+        np.savez(bad, input=np.zeros((4, 1, 28, 28), np.float32))
+        policy["data"]["calibration"] = str(bad)
+    elif case == "no-data":
+        del policy["data"]
+    before, digest = snapshot(tracking_uri), _artifact_digest(tracking_uri)
+    proc = run_cli(["compress", uri, "--policy", str(write_policy(tmp_path / "p.yaml", policy))],
+                   tracking_uri, qg_home, tmp_path)  # fmt: skip
+    assert_clean_failure(proc, message)
+    assert snapshot(tracking_uri) == before
+    assert _artifact_digest(tracking_uri) == digest
+
+
+def test_corrupt_onnx_in_the_registry_exit_2(
+    tracking_uri: str, digits_uri: str, calib_npz: Path, eval_npz: Path, tmp_path: Path, qg_home: Path
+) -> None:
+    client = MlflowClient(tracking_uri=tracking_uri)
+    mv = client.get_model_version("digits", "1")
+    root = Path(client.get_logged_model(mv.source.removeprefix("models:/")).artifact_location.removeprefix("file://"))
+    onnx_file = root / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:2048])
+    policy = write_policy(tmp_path / "p.yaml", test_policy(calib_npz, eval_npz))
+    before = snapshot(tracking_uri)
+    proc = run_cli(["compress", digits_uri, "--policy", str(policy)], tracking_uri, qg_home, tmp_path)
+    assert_clean_failure(proc, "is not a valid ONNX model")
+    assert snapshot(tracking_uri) == before
+
+
+def test_unsupported_flavor_exit_2(tracking_uri: str, tmp_path: Path, qg_home: Path) -> None:
+    import mlflow
+
+    class Echo(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+        def predict(self, context: Any, model_input: Any) -> Any:
+            return model_input
+
+    with mlflow.start_run():
+        mlflow.pyfunc.log_model(name="m", python_model=Echo(), registered_model_name="echo", pip_requirements=[])
+    proc = run_cli(["compress", "models:/echo/1"], tracking_uri, qg_home, tmp_path)
+    assert_clean_failure(proc, "model flavor 'python_function only' is not supported")
+
+
+def test_unreachable_tracking_server_exit_2(tmp_path: Path, qg_home: Path) -> None:
+    proc = run_cli(
+        ["compress", "models:/digits/1", "--tracking-uri", "http://127.0.0.1:9"], "sqlite:///x.db", qg_home, tmp_path
+    )
+    assert_clean_failure(proc, "cannot reach the MLflow tracking server at http://127.0.0.1:9")
