@@ -70,14 +70,38 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _prepare_prefect(mode: str) -> None:
-    from quantgate.flows.runtime import configure_prefect_env, prefect_api_for_cli
+class _PrefectStart:
+    """Finds or starts the Prefect API in a background thread, so a cold local server (about 7 s here)
+    starts while this process imports MLflow and ONNX Runtime instead of after."""
 
-    # The CLI reports every failure itself in one line (README: exit codes); Prefect's console copy of a
-    # failed task, with its traceback, would only repeat it. The API handler still records everything.
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-    configure_prefect_env()
-    prefect_api_for_cli(mode)
+    def __init__(self, mode: str) -> None:
+        import threading
+
+        from quantgate.flows.runtime import configure_prefect_env
+
+        # The CLI reports every failure itself in one line (README: exit codes); Prefect's console copy of
+        # a failed task, with its traceback, would only repeat it. The API handler still records it all.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        configure_prefect_env()
+        self._error: BaseException | None = None
+        # A daemon thread: a command that fails on bad input exits at once; a server it started keeps
+        # starting in its own session and is reused by the next command.
+        self._thread = threading.Thread(target=self._run, args=(mode,), daemon=True)
+        self._thread.start()
+
+    def _run(self, mode: str) -> None:
+        from quantgate.flows.runtime import prefect_api_for_cli
+
+        try:
+            prefect_api_for_cli(mode)
+        except BaseException as exc:  # re-raised in wait(), on the main thread
+            self._error = exc
+
+    def wait(self) -> None:
+        """Block until PREFECT_API_URL is settled; must happen before prefect is imported."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _run_flow(model_uri: str, policy: dict[str, Any], tracking_uri: str, show_progress: bool) -> dict[str, Any]:
@@ -148,9 +172,11 @@ def compress(
     try:
         pol = load_policy(policy)
         registry.parse_model_uri(model_uri)
+        starting = _PrefectStart(prefect)
         uri = tracking_uri or registry.default_tracking_uri()
-        registry.connect(uri)
-        _prepare_prefect(prefect)
+        registry.check_reachable(uri)
+        _preload_backends(pol.backends)
+        starting.wait()
         doc = _run_flow(model_uri, pol.model_dump(mode="json"), uri, err.is_terminal and not as_json)
     except InputError as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
@@ -162,6 +188,18 @@ def compress(
     else:
         print_summary(doc)
     raise typer.Exit(EXIT_OK if doc["promoted_uri"] else EXIT_GATE_FAILED)
+
+
+def _preload_backends(names: tuple[str, ...]) -> None:
+    """Import the backends' libraries while the Prefect server may still be starting."""
+    from quantgate.plugins.base import backend_names, load_backend
+
+    for name in names:
+        if name in backend_names():
+            try:
+                load_backend(name).available()
+            except QuantgateError:
+                continue  # reported properly, per candidate, inside the flow
 
 
 def _process_start() -> float:
@@ -189,7 +227,7 @@ def demo(
         with err.status("[bold]quantgate[/] training the digits CNN", spinner="dots"):
             model_uri = register_demo_model(uri, workdir)
         err.print(f"registered {model_uri}; compressing it")
-        _prepare_prefect(prefect)
+        _PrefectStart(prefect).wait()
         doc = _run_flow(model_uri, {}, uri, err.is_terminal)
     except InputError as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None

@@ -122,6 +122,7 @@ def _export_pt2(path: Path, inputs: list[tuple[str, tuple[int, ...], Any]], out_
     """
     import torch
 
+    _quiet_torch()
     try:
         program = torch.export.load(str(path))
         args = tuple(
@@ -136,6 +137,8 @@ def _export_pt2(path: Path, inputs: list[tuple[str, tuple[int, ...], Any]], out_
                 input_names=[n for n, _, _ in inputs],
                 output_names=out_names,
                 dynamo=True,
+                # onnxscript's optimizer costs ~1.6 s here and ONNX Runtime optimises the graph anyway.
+                optimize=False,
                 opset_version=OPSET + 1,
                 verbose=False,
             )
@@ -143,6 +146,12 @@ def _export_pt2(path: Path, inputs: list[tuple[str, tuple[int, ...], Any]], out_
         exported.save(str(out), external_data=False)
     except Exception as exc:  # torch.export / onnxscript raise many types
         raise InvalidModel(f"cannot export the pytorch (pt2) model to ONNX: {str(exc).splitlines()[0]}") from exc
+
+
+def _quiet_torch() -> None:
+    # torch's ONNX exporter logs a warning per optional torchvision op at import; not the user's concern.
+    for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _output_names(meta: Any) -> list[str]:

@@ -66,13 +66,18 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
+def check_reachable(tracking_uri: str) -> None:
+    """Fail fast on a tracking server that does not answer (a local store needs no check)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        _probe_server(tracking_uri)
+
+
 def connect(tracking_uri: str) -> Any:
     """Check the tracking store answers, point mlflow at it, return an ``MlflowClient``."""
     import mlflow
     from mlflow import MlflowClient
 
-    if tracking_uri.startswith(("http://", "https://")):
-        _probe_server(tracking_uri)
+    check_reachable(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)

@@ -175,9 +175,7 @@ def prefect_harness() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def registered_digits_template(
-    digits_onnx: Path, _empty_store: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
+def registered_digits_template(digits_onnx: Path, _empty_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store with the digits CNN registered as digits/1; tests copy it (store + artifacts)."""
     d = tmp_path_factory.mktemp("registered-template")
     import shutil

@@ -80,15 +80,35 @@ def register_task(
     )
 
 
+class _Clock:
+    """Wall time per step, reported in the result so pipeline overhead can be told from the work."""
+
+    def __init__(self) -> None:
+        self.started_at = time.time()
+        self._start = time.perf_counter()
+        self._last = self._start
+        self.steps: dict[str, float] = {}
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.steps[f"{step}_s"] = self.steps.get(f"{step}_s", 0.0) + now - self._last
+        self._last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self._start
+
+
 def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: Path) -> CompressionResult:
     """The body of the flow, callable inside any flow run."""
-    started = time.perf_counter()
-    started_at = time.time()
+    clock = _Clock()
     source = resolve_task(model_uri, tracking_uri)
+    clock.lap("resolve")
     taken = intake_task(source, workdir)
+    clock.lap("intake")
     data = data_task(policy, source, taken.model, workdir)
     hardware = detect()
     planned = pipeline.plan(policy, taken.model)
+    clock.lap("data")
     results: list[CandidateResult] = []
     compress_s = validate_s = 0.0
     baselines: dict[str, Baseline] = {}
@@ -105,6 +125,7 @@ def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: 
         compress_s += run.compress_s
         validate_s += run.validate_s
         results.append(run.result)
+    clock.lap("candidates")
     gate_task(results)
     result = CompressionResult(
         source=source,
@@ -116,11 +137,13 @@ def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: 
         tracking_uri=tracking_uri,
     )
     register_task(tracking_uri, result, policy, taken.model, data)
+    clock.lap("register")
     result.timings = {
-        "flow_started_at": started_at,
-        "flow_s": time.perf_counter() - started,
+        "flow_started_at": clock.started_at,
+        "flow_s": clock.total(),
         "compress_s": compress_s,
         "validate_s": validate_s,
+        **clock.steps,
     }
     return result
 

@@ -109,7 +109,9 @@ def test_data_is_found_through_version_tags_when_the_policy_names_none(
     with mlflow.start_run() as run:
         mlflow.log_artifact(str(calib_npz), "data")
         mlflow.log_artifact(str(eval_npz), "data")
-    client.set_model_version_tag("digits", "1", "quantgate.calibration", f"runs:/{run.info.run_id}/data/calibration.npz")
+    client.set_model_version_tag(
+        "digits", "1", "quantgate.calibration", f"runs:/{run.info.run_id}/data/calibration.npz"
+    )
     client.set_model_version_tag("digits", "1", "quantgate.evaluation", f"runs:/{run.info.run_id}/data/evaluation.npz")
     policy = test_policy(calib_npz, eval_npz, recipes=["int8-static-qdq-minmax-perchannel"])
     del policy["data"]

@@ -23,7 +23,9 @@ def test_recipe_names_are_unique_and_hashes_stable_and_distinct() -> None:
     names = [r.name for r in RECIPES]
     assert len(set(names)) == len(names) == 9
     assert len({r.digest for r in RECIPES}) == len(RECIPES)
-    assert RECIPES[0].digest == RECIPES[0].make(RECIPES[0].backend, RECIPES[0].name, "int8", **RECIPES[0].options).digest
+    assert (
+        RECIPES[0].digest == RECIPES[0].make(RECIPES[0].backend, RECIPES[0].name, "int8", **RECIPES[0].options).digest
+    )
 
 
 def _op_types(path: Path) -> set[str]:
@@ -59,9 +61,7 @@ def test_preprocessing_falls_back_when_symbolic_shape_inference_fails(tmp_path: 
     import torch
     from transformers import BertConfig, BertModel
 
-    cfg = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-    )
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     bert = BertModel(cfg).eval()
 
     class Wrapper(torch.nn.Module):
