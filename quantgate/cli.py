@@ -6,6 +6,8 @@ Exit codes: 0 a candidate passed and was registered; 1 ran, none passed, nothing
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -55,6 +57,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     # MLflow 3 sends usage telemetry by default; a CI plugin on a closed network should not try.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow prints run URLs to stdout (which --json owns) and INFO progress to stderr.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _drop_library_root_handlers() -> None:
@@ -111,15 +116,17 @@ def _run_flow(model_uri: str, policy: dict[str, Any], tracking_uri: str, show_pr
     qlog = logging.getLogger("quantgate")
     qlog.setLevel(logging.INFO)
     qlog.propagate = False  # progress goes to the spinner; Prefect's API handler still gets flow logs
-    if not show_progress:
-        return compress_model(model_uri, policy, tracking_uri)
-    with err.status("[bold]quantgate[/] starting", spinner="dots") as status:
-        handler = _ProgressHandler(status)
-        qlog.addHandler(handler)
-        try:
+    # Whatever a library print()s while the flow runs is not ours to show: stdout carries --json.
+    with contextlib.redirect_stdout(io.StringIO()):
+        if not show_progress:
             return compress_model(model_uri, policy, tracking_uri)
-        finally:
-            qlog.removeHandler(handler)
+        with err.status("[bold]quantgate[/] starting", spinner="dots") as status:
+            handler = _ProgressHandler(status)
+            qlog.addHandler(handler)
+            try:
+                return compress_model(model_uri, policy, tracking_uri)
+            finally:
+                qlog.removeHandler(handler)
 
 
 def gate_table(doc: dict[str, Any]) -> Table:
