@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -54,11 +55,19 @@ class LatencyPolicy(_Strict):
 
 
 class RegistryPolicy(_Strict):
-    experiment: str = "quantgate"
-    alias: str = "compressed"
+    experiment: str = Field(default="quantgate", min_length=1)
+    alias: str = Field(default="compressed", pattern=r"^[A-Za-z0-9_-]{1,255}$")
     register_all_passing: bool = Field(
         default=True, description="Register every passing candidate (true) or only the promoted one (false)"
     )
+
+    @field_validator("alias")
+    @classmethod
+    def _mlflow_alias_rules(cls, v: str) -> str:
+        # MLflow reserves these: "latest" and "v<number>" already mean something in models:/ URIs.
+        if v.lower() == "latest" or re.fullmatch(r"[vV]\d+", v):
+            raise ValueError(f"'{v}' is reserved by MLflow; pick another alias")
+        return v
 
 
 class Policy(_Strict):

@@ -28,10 +28,24 @@ def digits() -> Any:
 
 
 @pytest.fixture(scope="session")
-def digits_cnn(digits: Any) -> Any:
-    from quantgate.demo import train_cnn
+def digits_cnn(digits: Any, request: pytest.FixtureRequest) -> Any:
+    """Trained once, then cached in pytest's cache dir keyed by the demo module's source (train ~30 s)."""
+    import hashlib
+    import inspect
 
-    return train_cnn(digits, epochs=4)
+    import torch
+
+    import quantgate.demo as demo
+
+    key = hashlib.sha256(inspect.getsource(demo).encode()).hexdigest()[:16]
+    cached = request.config.cache.mkdir("quantgate") / f"digits-cnn-{key}.pt"
+    if cached.exists():
+        model = demo.build_cnn()
+        model.load_state_dict(torch.load(cached, weights_only=True))
+        return model.eval()
+    model = demo.train_cnn(digits, epochs=4)
+    torch.save(model.state_dict(), cached)
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,8 @@ def test_full_policy_parses_and_relative_data_is_relative_to_the_file(tmp_path: 
         ("backends: []", "backends"),
         ("- just\n- a list", "expected a mapping"),
         ("gate: {min_speedup: [1", "not valid YAML at line"),
+        ("registry: {alias: latest}", "registry.alias"),
+        ("registry: {alias: 'has space'}", "registry.alias"),
     ],
 )
 def test_invalid_policy_gives_one_line_naming_the_setting(tmp_path: Path, text: str, expected: str) -> None:

@@ -97,5 +97,5 @@ def test_a_model_that_cannot_be_loaded_is_a_backend_error(tmp_path: Path) -> Non
     bad.write_bytes(b"not onnx")
     from quantgate.plugins.base import Candidate, Recipe
 
-    with pytest.raises(BackendError, match="onnxruntime cannot load bad.onnx"):
+    with pytest.raises(BackendError, match=r"onnxruntime cannot load bad\.onnx"):
         OnnxRuntimeBackend().runner(Candidate(Recipe.make("onnxruntime", "fp32", "fp32"), bad), threads=1)
