@@ -33,7 +33,8 @@ local_prefect = typer.Typer(no_args_is_help=True, help="The local Prefect server
 app.add_typer(local_prefect, name="local-prefect")
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+# Piped output (CI logs) gets a wide table instead of rich's 80-column default.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 class _ProgressHandler(logging.Handler):

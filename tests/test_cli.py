@@ -180,3 +180,9 @@ def test_unreachable_tracking_server_exit_2(tmp_path: Path, qg_home: Path) -> No
         ["compress", "models:/digits/1", "--tracking-uri", "http://127.0.0.1:9"], "sqlite:///x.db", qg_home, tmp_path
     )
     assert_clean_failure(proc, "cannot reach the MLflow tracking server at http://127.0.0.1:9")
+
+
+def test_backends_lists_onnxruntime_as_available(tmp_path: Path, qg_home: Path) -> None:
+    proc = run_cli(["backends"], "sqlite:///x.db", qg_home, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "onnxruntime" in proc.stdout and "yes" in proc.stdout

@@ -128,10 +128,13 @@ class OnnxRuntimeBackend:
         marker = workdir / "preprocessed.note"
         if out.exists():
             return out, tuple(marker.read_text().splitlines()) if marker.exists() else ()
+        dump_existed = _ORT_DEBUG_DUMP.exists()
         try:
             quant_pre_process(str(src), str(out))
             notes: tuple[str, ...] = ()
         except Exception as exc:  # "Incomplete symbolic shape inference" on transformer exports
+            if not dump_existed:
+                _remove_ort_debug_dump()
             log.info("symbolic shape inference failed (%s); retrying without it", _first_line(exc))
             try:
                 quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
@@ -181,6 +184,19 @@ class OnnxRuntimeBackend:
         model = onnx.load(str(src))
         converted = convert_float_to_float16(model, keep_io_types=True)
         onnx.save(converted, str(out))
+
+
+# On a failed symbolic shape inference, onnxruntime saves the half-inferred model, with external data under a
+# random name, into the current working directory: the user's repository, typically.
+_ORT_DEBUG_DUMP = Path("sym_shape_infer_temp.onnx")
+
+
+def _remove_ort_debug_dump() -> None:
+    if not _ORT_DEBUG_DUMP.exists():
+        return
+    for extra in _model_files(_ORT_DEBUG_DUMP)[1:]:
+        extra.unlink(missing_ok=True)
+    _ORT_DEBUG_DUMP.unlink(missing_ok=True)
 
 
 def _model_files(path: Path) -> tuple[Path, ...]:

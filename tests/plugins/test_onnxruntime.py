@@ -56,8 +56,14 @@ def test_every_recipe_builds_a_model_that_runs_close_to_fp32(
     assert cand.size_bytes < digits_onnx.stat().st_size
 
 
-def test_preprocessing_falls_back_when_symbolic_shape_inference_fails(tmp_path: Path, calib_npz: Path) -> None:
-    """Transformer exports break symbolic shape inference; the recipe must still build, with a note."""
+def test_preprocessing_falls_back_when_symbolic_shape_inference_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Transformer exports break symbolic shape inference; the recipe must still build, with a note,
+    and onnxruntime's debug dump must not be left in the working directory."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     import torch
     from transformers import BertConfig, BertModel
 
@@ -86,6 +92,7 @@ def test_preprocessing_falls_back_when_symbolic_shape_inference_fails(tmp_path: 
     recipe = next(r for r in RECIPES if r.name == "int8-static-qdq-minmax")
     cand = OnnxRuntimeBackend().compress(info, recipe, Calibration(NpzDataset.open(data), 8, None), tmp_path / "w")
     assert any("symbolic shape inference" in n or "pre-processing" in n for n in cand.notes), cand.notes
+    assert list(cwd.iterdir()) == []
     x = NpzDataset.open(data).take(4).inputs
     out = OnnxRuntimeBackend().runner(cand, threads=1).run(x)[0]
     base = OnnxRuntimeBackend().runner(OnnxRuntimeBackend().baseline(info, tmp_path), threads=1).run(x)[0]
