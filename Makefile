@@ -21,8 +21,8 @@ demo: install
 	$(BIN)/quantgate demo
 
 lint: install
-	$(BIN)/ruff check quantgate tests benchmarks
-	$(BIN)/ruff format --check quantgate tests benchmarks
+	$(BIN)/ruff check quantgate tests $(wildcard benchmarks/*.py)
+	$(BIN)/ruff format --check quantgate tests $(wildcard benchmarks/*.py)
 
 typecheck: install
 	$(BIN)/mypy
