@@ -186,3 +186,19 @@ def test_backends_lists_onnxruntime_as_available(tmp_path: Path, qg_home: Path) 
     proc = run_cli(["backends"], "sqlite:///x.db", qg_home, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "onnxruntime" in proc.stdout and "yes" in proc.stdout
+
+
+def test_prefects_own_ephemeral_mode_runs_quietly(
+    tracking_uri: str, digits_uri: str, calib_npz: Path, eval_npz: Path, tmp_path: Path, qg_home: Path
+) -> None:
+    """Prefect's temporary server (no server configured, no quantgate server): same result, no telemetry noise."""
+    policy = write_policy(
+        tmp_path / "p.yaml", test_policy(calib_npz, eval_npz, recipes=["int8-static-qdq-minmax-perchannel"])
+    )
+    proc = run_cli(
+        ["compress", digits_uri, "--policy", str(policy), "--json", "--prefect", "ephemeral"],
+        tracking_uri, qg_home, tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # in particular no "database is locked" traceback from the server's telemetry
+    assert json.loads(proc.stdout)["promoted_uri"] == "models:/digits-onnxruntime-int8/1"
