@@ -271,6 +271,18 @@ def backends() -> None:
     out.print(table)
 
 
+@local_prefect.command("start")
+def local_prefect_start() -> None:
+    """Start (or find) the local Prefect server now, e.g. in a CI job's set-up, so no command waits for it."""
+    from quantgate.flows.runtime import ensure_local_server
+
+    try:
+        url = ensure_local_server()
+    except QuantgateError as exc:
+        raise _fail(str(exc), EXIT_INTERNAL) from None
+    out.print(url)
+
+
 @local_prefect.command("status")
 def local_prefect_status() -> None:
     """Show the local Prefect server quantgate started, if one is running."""

@@ -202,3 +202,15 @@ def registered_digits_template(digits_onnx: Path, _empty_store: Path, tmp_path_f
     finally:
         os.chdir(cwd)
     return d
+
+
+@pytest.fixture(scope="session")
+def qg_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A QUANTGATE_HOME for CLI subprocesses: they share one local Prefect server, stopped at the end."""
+    from quantgate.flows.runtime import stop_local_server
+
+    home = tmp_path_factory.mktemp("qghome")
+    try:
+        yield home
+    finally:
+        stop_local_server(home)

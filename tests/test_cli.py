@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +16,6 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import model_versions, register_onnx, test_policy
-
-
-@pytest.fixture(scope="module")
-def qg_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One quantgate-managed local Prefect server for every CLI run in this module, stopped at the end."""
-    from quantgate.flows.runtime import stop_local_server
-
-    home = tmp_path_factory.mktemp("qghome")
-    try:
-        yield home
-    finally:
-        stop_local_server(home)
 
 
 def run_cli(args: list[str], tracking_uri: str, home: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -202,3 +189,17 @@ def test_prefects_own_ephemeral_mode_runs_quietly(
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # in particular no "database is locked" traceback from the server's telemetry
     assert json.loads(proc.stdout)["promoted_uri"] == "models:/digits-onnxruntime-int8/1"
+
+
+def test_local_prefect_start_status_stop(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    home = tmp_path_factory.mktemp("qghome-own")
+    try:
+        started = run_cli(["local-prefect", "start"], "sqlite:///x.db", home, tmp_path)
+        assert started.returncode == 0, started.stderr
+        url = started.stdout.strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/api")
+        status = run_cli(["local-prefect", "status"], "sqlite:///x.db", home, tmp_path)
+        assert json.loads(status.stdout)["url"] == url
+    finally:
+        stopped = run_cli(["local-prefect", "stop"], "sqlite:///x.db", home, tmp_path)
+    assert stopped.stdout.strip() == "stopped"

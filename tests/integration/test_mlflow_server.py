@@ -64,17 +64,6 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def qg_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    from quantgate.flows.runtime import stop_local_server
-
-    home = tmp_path_factory.mktemp("qghome-server")
-    try:
-        yield home
-    finally:
-        stop_local_server(home)
-
-
 def test_compress_against_a_real_tracking_server_registers_a_servable_version(
     mlflow_server: str, digits_onnx: Path, calib_npz: Path, eval_npz: Path, eval_data: dict[str, np.ndarray],
     tmp_path: Path, qg_home: Path, monkeypatch: pytest.MonkeyPatch,
