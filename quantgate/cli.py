@@ -69,6 +69,13 @@ def _drop_library_root_handlers() -> None:
     for handler in list(logging.root.handlers):
         if type(handler) is logging.StreamHandler:
             logging.root.removeHandler(handler)
+    if not logging.root.handlers:
+        # onnxruntime's quantizer logs through logging.info(), which calls basicConfig() on a root logger
+        # without handlers and so would put the echo right back.
+        logging.root.addHandler(logging.NullHandler())
+    # And a library imported later (mlflow.pytorch during intake) may call basicConfig again: Prefect's run
+    # logs still reach its API handler, but never the root logger.
+    logging.getLogger("prefect").propagate = False
 
 
 def _fail(message: str, code: int) -> typer.Exit:

@@ -115,11 +115,15 @@ def register_demo_model(tracking_uri: str, workdir: Path, *, name: str = DEMO_MO
             signature=signature,
             input_example=data.x_test[:2],
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            registered_model_name=name,
         )
-    version = str(info.registered_model_version)
+    # Registered through the client: mlflow's registered_model_name= prints its own progress lines.
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name)
     run_id = run.info.run_id
+    version = str(client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id).version)
     client.set_model_version_tag(name, version, "quantgate.calibration", f"runs:/{run_id}/data/calibration.npz")
     client.set_model_version_tag(name, version, "quantgate.evaluation", f"runs:/{run_id}/data/evaluation.npz")
     client.set_registered_model_alias(name, "champion", version)
