@@ -203,3 +203,28 @@ def test_local_prefect_start_status_stop(tmp_path: Path, tmp_path_factory: pytes
     finally:
         stopped = run_cli(["local-prefect", "stop"], "sqlite:///x.db", home, tmp_path)
     assert stopped.stdout.strip() == "stopped"
+
+
+def test_pytorch_model_compresses_with_nothing_on_stderr(
+    tracking_uri: str, digits_cnn: Any, digits: Any, calib_npz: Path, eval_npz: Path, tmp_path: Path, qg_home: Path
+) -> None:
+    """The demo's path: a pt2-format pytorch model, exported during the run (mlflow.pytorch is imported mid-flow)."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        y = digits_cnn(torch.from_numpy(digits.x_test[:2])).numpy()
+    with mlflow.start_run():
+        mlflow.pytorch.log_model(
+            digits_cnn, name="m", signature=infer_signature(digits.x_test[:2], y), input_example=digits.x_test[:2],
+            pip_requirements=["torch"], registered_model_name="pt",
+        )  # fmt: skip
+    policy = write_policy(
+        tmp_path / "p.yaml", test_policy(calib_npz, eval_npz, recipes=["int8-static-qdq-minmax", "int8-dynamic"])
+    )
+    proc = run_cli(["compress", "models:/pt/1", "--policy", str(policy), "--json"], tracking_uri, qg_home, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    doc = json.loads(proc.stdout)
+    assert doc["flavor"] == "pytorch" and doc["promoted_uri"] == "models:/pt-onnxruntime-int8/1"
