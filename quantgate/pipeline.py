@@ -172,7 +172,7 @@ def evaluate(
     try:
         cand = base.backend.compress(model, recipe, calib, workdir / recipe.backend / recipe.name)
         runner = base.backend.runner(cand, threads=policy.latency.threads)
-    except BackendError as exc:
+    except (BackendError, BackendUnavailable) as exc:  # one recipe's failure: the others go on
         log.info("%s/%s failed to build: %s", recipe.backend, recipe.name, exc)
         verdict = gate.judge({}, policy.gate, has_labels=data.evaluation.has_labels, error=str(exc))
         return CandidateRun(CandidateResult(recipe, {}, verdict, hardware), time.perf_counter() - t0)

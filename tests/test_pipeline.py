@@ -1,0 +1,37 @@
+from pathlib import Path
+
+from quantgate import pipeline
+from quantgate.data import NpzDataset
+from quantgate.errors import BackendUnavailable
+from quantgate.hardware import detect
+from quantgate.model import ModelInfo, read_model_info
+from quantgate.plugins.base import Calibration, Candidate, Recipe
+from quantgate.plugins.onnxruntime import OnnxRuntimeBackend
+from quantgate.policy import parse_policy
+from quantgate.validators.base import collect_outputs
+from tests.conftest import test_policy
+
+
+class NeedsGpu(OnnxRuntimeBackend):
+    """A backend whose second step needs hardware this host lacks (as TensorRT's engine build does)."""
+
+    def compress(self, model: ModelInfo, recipe: Recipe, calib: Calibration, workdir: Path) -> Candidate:
+        raise BackendUnavailable("gpu-thing", "needs an NVIDIA GPU worker", "route it to the nvidia-gpu pool")
+
+
+def test_a_recipe_that_cannot_run_here_fails_alone_with_the_reason(
+    digits_onnx: Path, calib_npz: Path, eval_npz: Path, tmp_path: Path
+) -> None:
+    policy = parse_policy(test_policy(calib_npz, eval_npz))
+    model = read_model_info(digits_onnx)
+    data = pipeline.DataSets(NpzDataset.open(calib_npz), NpzDataset.open(eval_npz), "c", "e")
+    backend = NeedsGpu()
+    cand = backend.baseline(model, tmp_path)
+    runner = backend.runner(cand, threads=1)
+    base = pipeline.Baseline(backend, cand, runner, collect_outputs(runner, data.evaluation, None))
+    recipe = Recipe.make("gpu-thing", "int8-qdq", "int8")
+    run = pipeline.evaluate(base, recipe, model, data, policy, detect(), tmp_path)
+    assert not run.result.passed
+    assert run.result.verdict.reasons == [
+        "backend 'gpu-thing' is unavailable: needs an NVIDIA GPU worker (route it to the nvidia-gpu pool)"
+    ]
