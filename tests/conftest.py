@@ -148,6 +148,22 @@ def register_onnx(tracking_uri: str, path: Path, name: str) -> str:
     return f"models:/{name}/{info.registered_model_version}"
 
 
+def register_pytorch(model: Any, digits: Any, name: str) -> str:
+    """Log and register the CNN in MLflow's default pytorch format (pt2), as a user would; in the active store."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        y = model(torch.from_numpy(digits.x_test[:2])).numpy()
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(
+            model, name="m", signature=infer_signature(digits.x_test[:2], y), input_example=digits.x_test[:2],
+            pip_requirements=["torch"], registered_model_name=name,
+        )  # fmt: skip
+    return f"models:/{name}/{info.registered_model_version}"
+
+
 def test_policy(calib: Path, evaluation: Path, **overrides: Any) -> dict[str, Any]:
     """A policy dict that runs fast: two contrasting recipes, short latency runs."""
     policy: dict[str, Any] = {

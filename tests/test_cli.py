@@ -15,7 +15,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import model_versions, register_onnx, test_policy
+from tests.conftest import model_versions, register_onnx, register_pytorch, test_policy
 
 
 def run_cli(args: list[str], tracking_uri: str, home: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -209,17 +209,7 @@ def test_pytorch_model_compresses_with_nothing_on_stderr(
     tracking_uri: str, digits_cnn: Any, digits: Any, calib_npz: Path, eval_npz: Path, tmp_path: Path, qg_home: Path
 ) -> None:
     """The demo's path: a pt2-format pytorch model, exported during the run (mlflow.pytorch is imported mid-flow)."""
-    import mlflow
-    import torch
-    from mlflow.models import infer_signature
-
-    with torch.no_grad():
-        y = digits_cnn(torch.from_numpy(digits.x_test[:2])).numpy()
-    with mlflow.start_run():
-        mlflow.pytorch.log_model(
-            digits_cnn, name="m", signature=infer_signature(digits.x_test[:2], y), input_example=digits.x_test[:2],
-            pip_requirements=["torch"], registered_model_name="pt",
-        )  # fmt: skip
+    register_pytorch(digits_cnn, digits, "pt")
     policy = write_policy(
         tmp_path / "p.yaml", test_policy(calib_npz, eval_npz, recipes=["int8-static-qdq-minmax", "int8-dynamic"])
     )

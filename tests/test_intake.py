@@ -8,7 +8,7 @@ from quantgate import registry
 from quantgate.errors import InvalidModel, UnsupportedFlavor
 from quantgate.intake import to_onnx
 from quantgate.plugins.onnxruntime import OrtRunner
-from tests.conftest import register_onnx
+from tests.conftest import register_onnx, register_pytorch
 
 
 def _download(tracking_uri: str, uri: str, dst: Path) -> Path:
@@ -27,17 +27,9 @@ def test_onnx_flavor_is_taken_as_is(tracking_uri: str, digits_onnx: Path, tmp_pa
 def test_pytorch_flavor_is_exported_with_the_signature_shape(
     tracking_uri: str, digits_cnn: Any, digits: Any, tmp_path: Path
 ) -> None:
-    import mlflow
     import torch
-    from mlflow.models import infer_signature
 
-    with torch.no_grad():
-        y = digits_cnn(torch.from_numpy(digits.x_test[:2])).numpy()
-    with mlflow.start_run():
-        mlflow.pytorch.log_model(
-            digits_cnn, name="m", signature=infer_signature(digits.x_test[:2], y), input_example=digits.x_test[:2],
-            pip_requirements=["torch"], registered_model_name="pt",
-        )  # fmt: skip
+    register_pytorch(digits_cnn, digits, "pt")
     info, flavor = to_onnx(_download(tracking_uri, "models:/pt/1", tmp_path / "dl"), tmp_path / "work")
     assert flavor == "pytorch"
     assert info.inputs[0].shape == (None, 1, 32, 32)
