@@ -16,6 +16,7 @@ from quantgate.model import ModelInfo
 from quantgate.pipeline import Baseline, DataSets, Intake, PlannedRecipe
 from quantgate.policy import Policy, parse_policy
 from quantgate.result import CandidateResult, CompressionResult
+from quantgate.validators.base import Validator, load_validators
 
 # Objects passed between these tasks (open data sets, ONNX Runtime sessions) live in this process only:
 # every task has no result persistence and no input hashing (cache_policy=NO_CACHE).
@@ -56,9 +57,10 @@ def candidate_task(
     policy: Policy,
     hardware: Hardware,
     workdir: Path,
+    validators: list[Validator],
 ) -> pipeline.CandidateRun:
     assert planned.recipe is not None
-    return pipeline.evaluate(base, planned.recipe, model, data, policy, hardware, workdir)
+    return pipeline.evaluate(base, planned.recipe, model, data, policy, hardware, workdir, validators)
 
 
 @task(name="gate", cache_policy=NO_CACHE, persist_result=False)
@@ -108,6 +110,7 @@ def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: 
     data = data_task(policy, source, taken.model, workdir)
     hardware = detect()
     planned = pipeline.plan(policy, taken.model)
+    validators = load_validators()  # entry points are read once per run, not once per candidate
     clock.lap("data")
     results: list[CandidateResult] = []
     compress_s = validate_s = 0.0
@@ -121,7 +124,7 @@ def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: 
             t = time.perf_counter()
             baselines[item.backend] = baseline_task(item.backend, taken.model, data, policy, workdir)
             validate_s += time.perf_counter() - t
-        run = candidate_task(item, baselines[item.backend], taken.model, data, policy, hardware, workdir)
+        run = candidate_task(item, baselines[item.backend], taken.model, data, policy, hardware, workdir, validators)
         compress_s += run.compress_s
         validate_s += run.validate_s
         results.append(run.result)
