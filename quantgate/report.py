@@ -1,0 +1,564 @@
+"""Review material from a result document: tables, Markdown, PNG plots and one self-contained HTML page.
+
+Everything here reads the JSON-able dict from ``CompressionResult.to_document()`` (or the same dict loaded back
+from ``result.json``), so a report can be rebuilt later from a logged artifact without the objects or MLflow.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+Doc = Mapping[str, Any]
+Row = dict[str, str | float | None]
+
+_NUMERIC = (
+    "accuracy",
+    "accuracy_drop",
+    "fidelity",
+    "speedup",
+    "speedup_ci_low",
+    "speedup_ci_high",
+    "speedup_vs_ort_fp32",
+    "size_ratio",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "baseline_latency_p50_ms",
+)
+_REFERENCE_BACKEND = "onnxruntime"
+_WIN, _PASS, _FAIL, _BASE = "#2e7d32", "#1f77b4", "#9e9e9e", "#37474f"
+
+
+# --- reading the document -------------------------------------------------------------------------------------------
+
+
+def _metric(cand: Mapping[str, Any], key: str) -> float | None:
+    """A finite number or None: NaN/inf would break the JSON that Prefect artifacts are stored as."""
+    for source in (cand.get("all_metrics") or {}, cand.get("metrics") or {}):
+        value = source.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
+
+
+def _candidates(doc: Doc) -> list[Mapping[str, Any]]:
+    return list(doc.get("candidates") or [])
+
+
+def _label(cand: Mapping[str, Any]) -> str:
+    return f"{cand.get('backend', '?')}/{cand.get('recipe', '?')}"
+
+
+def _verdict(cand: Mapping[str, Any]) -> str:
+    return "PROMOTED" if cand.get("promoted") else ("passed" if cand.get("passed") else "failed")
+
+
+def _status(cand: Mapping[str, Any]) -> str:
+    return "win" if cand.get("promoted") else ("pass" if cand.get("passed") else "fail")
+
+
+def _winner(doc: Doc) -> Mapping[str, Any] | None:
+    return next((c for c in _candidates(doc) if c.get("promoted")), None)
+
+
+def _checks(cand: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return list(cand.get("checks") or [])
+
+
+def _check_names(doc: Doc) -> list[str]:
+    names: dict[str, None] = {}
+    for cand in _candidates(doc):
+        names.update((str(ch.get("name")), None) for ch in _checks(cand))
+    return list(names)
+
+
+def _reasons(cand: Mapping[str, Any]) -> list[str]:
+    reasons = [str(r) for r in cand.get("reasons") or []]
+    return reasons or [str(ch.get("detail", "")) for ch in _checks(cand) if not ch.get("passed")]
+
+
+def _check_result(cand: Mapping[str, Any], name: str) -> str:
+    """'pass', 'FAIL' or '' (not applied); a candidate with metrics evidently built, so its build check passed."""
+    for ch in _checks(cand):
+        if ch.get("name") == name:
+            return "pass" if ch.get("passed") else "FAIL"
+    if name == "build" and (cand.get("all_metrics") or cand.get("metrics")):
+        return "pass"
+    return ""
+
+
+def _baselines(doc: Doc) -> dict[str, Mapping[str, Any]]:
+    """The first measured candidate per backend: its baseline_* metrics describe that backend's FP32 run."""
+    out: dict[str, Mapping[str, Any]] = {}
+    for cand in _candidates(doc):
+        if _metric(cand, "baseline_latency_p50_ms") is not None:
+            out.setdefault(str(cand.get("backend")), cand)
+    return out
+
+
+# --- table rows ----------------------------------------------------------------------------------------------------
+
+
+def _check_column(name: str) -> str:
+    """Checks share names with metrics ("accuracy", "speedup"), so their pass/FAIL columns need a suffix."""
+    return f"{name}_check"
+
+
+def comparison_rows(doc: Doc) -> list[Row]:
+    """One row per FP32 baseline (per backend) and per candidate, all with the same columns.
+
+    Columns: backend, recipe, verdict (PROMOTED/passed/failed/baseline), ``<check>_check`` (pass/FAIL, "" where
+    the check did not apply), the numeric metrics, reason (the first failed check's detail).
+
+    Values are str, float or None only, so ``mlflow.log_table(data=pandas.DataFrame(rows))`` and Prefect's
+    ``create_table_artifact(table=rows)`` take them as they are. ``accuracy_drop`` is in points (percent).
+    Baselines' ``speedup_vs_ort_fp32`` is derived from two separately measured baselines on the same host.
+    """
+    checks = _check_names(doc)
+    rows: list[Row] = []
+    bases = _baselines(doc)
+    ort = bases.get(_REFERENCE_BACKEND)
+    ort_p50 = _metric(ort, "baseline_latency_p50_ms") if ort is not None else None
+    for backend, cand in bases.items():
+        p50 = _metric(cand, "baseline_latency_p50_ms")
+        row: Row = {"backend": backend, "recipe": "fp32-baseline", "verdict": "baseline"}
+        row.update(dict.fromkeys(map(_check_column, checks), ""))
+        row.update(dict.fromkeys(_NUMERIC))
+        acc = _metric(cand, "accuracy_baseline")
+        vs_ort = ort_p50 / p50 if ort_p50 is not None and p50 else None
+        row.update(
+            accuracy=acc,
+            accuracy_drop=0.0 if acc is not None else None,
+            speedup=1.0,
+            speedup_vs_ort_fp32=1.0 if backend == _REFERENCE_BACKEND else vs_ort,
+            size_ratio=1.0,
+            latency_p50_ms=p50,
+            latency_p95_ms=_metric(cand, "baseline_latency_p95_ms"),
+            baseline_latency_p50_ms=p50,
+            reason="",
+        )
+        rows.append(row)
+    for cand in _candidates(doc):
+        row = {"backend": str(cand.get("backend")), "recipe": str(cand.get("recipe")), "verdict": _verdict(cand)}
+        row.update({_check_column(name): _check_result(cand, name) for name in checks})
+        row.update({key: _metric(cand, key) for key in _NUMERIC})
+        drop = row["accuracy_drop"]
+        row["accuracy_drop"] = drop * 100 if isinstance(drop, float) else None
+        reasons = _reasons(cand)
+        row["reason"] = reasons[0] if reasons else ""
+        rows.append(row)
+    return rows
+
+
+# --- plain-text pieces shared by Markdown and HTML -----------------------------------------------------------------
+
+
+def _f(value: float | None, fmt: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{fmt}}{suffix}"
+
+
+def _key_number(cand: Mapping[str, Any], check: str) -> str:
+    """The one figure a reviewer wants next to a check's pass/FAIL."""
+    if check == "accuracy":
+        drop = _metric(cand, "accuracy_drop")
+        return "" if drop is None else f"{drop * 100:.2f} pt drop"
+    if check == "fidelity":
+        fid = _metric(cand, "fidelity")
+        return "" if fid is None else f"{fid:.4f}"
+    if check == "speedup":
+        s, lo, hi = (_metric(cand, k) for k in ("speedup", "speedup_ci_low", "speedup_ci_high"))
+        if s is None:
+            return ""
+        return f"{s:.2f}x" + (f" [{lo:.2f}-{hi:.2f}]" if lo is not None and hi is not None else "")
+    if check == "size":
+        size = _metric(cand, "size_ratio")
+        return "" if size is None else f"{size:.2f} of FP32"
+    return ""
+
+
+def _gate_table(doc: Doc) -> tuple[list[str], list[list[tuple[str, str]]]]:
+    """Header and cells as (text, status); status drives colours in HTML and is dropped in Markdown."""
+    checks = _check_names(doc)
+    show_ort = any(_metric(c, "speedup_vs_ort_fp32") is not None for c in _candidates(doc))
+    header = ["candidate", "verdict", *checks, "p50 ms (FP32)"] + (["vs ORT FP32"] if show_ort else [])
+    body: list[list[tuple[str, str]]] = []
+    for cand in _candidates(doc):
+        cells = [(_label(cand), ""), (_verdict(cand), _status(cand))]
+        for name in checks:
+            result = _check_result(cand, name)
+            number = _key_number(cand, name)
+            text = f"{result} ({number})" if result and number else result or "n/a"
+            cells.append((text, {"pass": "pass", "FAIL": "fail"}.get(result, "")))
+        p50, base = _metric(cand, "latency_p50_ms"), _metric(cand, "baseline_latency_p50_ms")
+        cells.append((f"{_f(p50, '.3f')} ({_f(base, '.3f')})" if p50 is not None else "-", ""))
+        if show_ort:
+            cells.append((_f(_metric(cand, "speedup_vs_ort_fp32"), ".2f", "x"), ""))
+        body.append(cells)
+    return header, body
+
+
+def _hardware_text(hw: Mapping[str, Any]) -> str:
+    flags = ", ".join(str(f) for f in hw.get("isa_flags") or []) or "none of interest"
+    dot = "yes" if hw.get("int8_dot_product") else "no (INT8 matmuls have no fast path here)"
+    return (
+        f"{hw.get('cpu_model', 'unknown CPU')} ({hw.get('arch', '?')}, {hw.get('logical_cores', '?')} logical cores); "
+        f"ISA: {flags}; INT8 dot-product (VNNI/AMX): {dot}"
+    )
+
+
+def _libraries_text(hw: Mapping[str, Any]) -> str:
+    parts = [f"{k} {v}" for k, v in (hw.get("libraries") or {}).items()]
+    if hw.get("python"):
+        parts.append(f"Python {hw['python']}")
+    return ", ".join(parts)
+
+
+def _headline(cand: Mapping[str, Any]) -> str:
+    """Speed, size and quality of one candidate in one clause."""
+    parts: list[str] = []
+    s, lo, hi = (_metric(cand, k) for k in ("speedup", "speedup_ci_low", "speedup_ci_high"))
+    if s is not None:
+        ci = f" (95% CI {lo:.2f}-{hi:.2f}x)" if lo is not None and hi is not None else ""
+        parts.append(f"{s:.2f}x faster than FP32 on {cand.get('backend')}{ci}")
+    vs_ort = _metric(cand, "speedup_vs_ort_fp32")
+    if vs_ort is not None:
+        parts.append(f"{vs_ort:.2f}x vs ONNX Runtime FP32")
+    if (size := _metric(cand, "size_ratio")) is not None:
+        parts.append(f"{size:.2f} of the FP32 size")
+    if (drop := _metric(cand, "accuracy_drop")) is not None:
+        parts.append(f"accuracy drop {drop * 100:.2f} points")
+    elif (fid := _metric(cand, "fidelity")) is not None:
+        parts.append(f"fidelity {fid:.4f}")
+    return ", ".join(parts) or "no measurements"
+
+
+def _outcome_text(doc: Doc) -> str:
+    winner = _winner(doc)
+    hw = _hardware_text(doc.get("hardware") or {})
+    if winner is None:
+        n = len(_candidates(doc))
+        return f"No candidate passed the gate ({n} tried); nothing was promoted. Measured on {hw}."
+    where = f" as {winner['registered_uri']}" if winner.get("registered_uri") else ""
+    return f"Promoted {_label(winner)}{where}: {_headline(winner)}. Measured on {hw}."
+
+
+def _losers(doc: Doc) -> list[tuple[str, str]]:
+    """(candidate, why it was not promoted) for every candidate but the winner."""
+    winner = _winner(doc)
+    out: list[tuple[str, str]] = []
+    for cand in _candidates(doc):
+        if cand is winner:
+            continue
+        if not cand.get("passed"):
+            out.append((_label(cand), "; ".join(_reasons(cand)) or "failed the gate"))
+        elif winner is not None:
+            mine, theirs = _metric(cand, "speedup") or 0.0, _metric(winner, "speedup") or 0.0
+            why = f"{_label(winner)} was faster ({theirs:.2f}x vs {mine:.2f}x)"
+            if math.isclose(mine, theirs):
+                why = f"same speedup as {_label(winner)}, but larger"
+            out.append((_label(cand), f"passed the gate, but {why}"))
+        else:
+            out.append((_label(cand), "passed the gate but was not promoted"))
+    return out
+
+
+def _timings(doc: Doc) -> list[tuple[str, str]]:
+    items = (doc.get("timings_s") or {}).items()
+    return [(str(k), f"{v:.1f} s" if isinstance(v, int | float) else str(v)) for k, v in items]
+
+
+def _split_uri(uri: str) -> tuple[str, str]:
+    name, _, version = uri.removeprefix("models:/").rpartition("/")
+    return name, version
+
+
+def _ui_path(name: str, version: object) -> str:
+    """Relative link into MLflow's hash-routed UI: it resolves against whatever host serves the UI."""
+    return f"#/models/{quote(name, safe='')}/versions/{quote(str(version), safe='')}"
+
+
+# --- Markdown ------------------------------------------------------------------------------------------------------
+
+
+def _md(text: object) -> str:
+    """Entities rather than backslashes: MLflow's renderer and markdown-it both decode them, neither runs HTML."""
+    s = html.escape(str(text), quote=False).replace("|", "\\|")
+    return " ".join(s.splitlines())
+
+
+def _md_link(text: str, name: str, version: object) -> str:
+    label = _md(text).replace("[", "\\[").replace("]", "\\]")
+    return f"[{label}]({_ui_path(name, version)})"
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(_md(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def markdown_report(doc: Doc) -> str:
+    """The whole run for a reviewer: outcome, gate table, why the others lost, hardware, policy and timings."""
+    src = doc.get("source") or {}
+    lines = [f"# quantgate: {_md(src.get('name'))} version {_md(src.get('version'))}", ""]
+    lines += [f"**Outcome:** {_md(_outcome_text(doc))}", ""]
+    winner = _winner(doc)
+    if winner is not None and winner.get("registered_uri"):
+        name, version = _split_uri(str(winner["registered_uri"]))
+        lines += [f"Compressed version: {_md_link(f'{name} v{version}', name, version)}", ""]
+    header, body = _gate_table(doc)
+    lines += ["## Gate", "", *_md_table(header, [[text for text, _ in row] for row in body]), ""]
+    losers = _losers(doc)
+    if losers:
+        lines += ["## Why the others lost" if winner else "## Why nothing was promoted", ""]
+        lines += [f"- **{_md(label)}**: {_md(why)}" for label, why in losers] + [""]
+    hw = doc.get("hardware") or {}
+    lines += ["## Hardware", "", _md(_hardware_text(hw)), ""]
+    if _libraries_text(hw):
+        lines += [f"Libraries: {_md(_libraries_text(hw))}", ""]
+    lines += ["## Run", "", f"- policy hash: `{_md(doc.get('policy_hash'))}`", f"- flavor: {_md(doc.get('flavor'))}"]
+    lines += [f"- experiment: {_md(doc.get('experiment'))}", f"- parent run: `{_md(doc.get('parent_run_id'))}`"]
+    timings = _timings(doc)
+    if timings:
+        lines += ["", *_md_table(["step", "wall time"], timings)]
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(doc: Doc, candidate: Mapping[str, Any]) -> str:
+    """Description of one compressed model version: where it came from, how it was made, why it passed."""
+    src = doc.get("source") or {}
+    name, version = str(src.get("name")), src.get("version")
+    status = "promoted winner" if candidate.get("promoted") else _verdict(candidate)
+    lines = [
+        f"Compressed by **quantgate** from {_md_link(f'{name} v{version}', name, version)} "
+        f"with **{_md(_label(candidate))}** ({_md(status)}).",
+        "",
+        _md(_headline(candidate)) + ".",
+        "",
+    ]
+    checks = [
+        [str(c.get("name")), "pass" if c.get("passed") else "FAIL", str(c.get("detail"))] for c in _checks(candidate)
+    ]
+    lines += [*_md_table(["check", "result", "detail"], checks), ""]
+    lines += [f"Hardware: {_md(_hardware_text(doc.get('hardware') or {}))}", ""]
+    lines.append(f"Policy hash `{_md(doc.get('policy_hash'))}`, recipe hash `{_md(candidate.get('recipe_hash'))}`.")
+    return "\n".join(lines) + "\n"
+
+
+def source_description_line(doc: Doc) -> str:
+    """One line for the source version's description, linking to the compressed version(s) it produced."""
+    winner = _winner(doc)
+    others = [c for c in _candidates(doc) if c is not winner and c.get("registered_uri")]
+    if winner is None:
+        return f"quantgate: no compressed version passed the gate ({len(_candidates(doc))} candidates tried)."
+    if not winner.get("registered_uri"):
+        return f"quantgate: {_md(_label(winner))} passed the gate but was not registered."
+    name, version = _split_uri(str(winner["registered_uri"]))
+    s, size = _metric(winner, "speedup"), _metric(winner, "size_ratio")
+    line = (
+        f"quantgate: compressed version {_md_link(f'{name} v{version}', name, version)} "
+        f"({_md(_label(winner))}, {_f(s, '.2f', 'x')} faster, {_f(size, '.2f')} of the size)"
+    )
+    if others:
+        links = [_md_link(f"{n} v{v}", n, v) for n, v in (_split_uri(str(c["registered_uri"])) for c in others)]
+        line += "; also registered: " + ", ".join(links)
+    return line + "."
+
+
+# --- plots ---------------------------------------------------------------------------------------------------------
+
+
+def _render(draw: Callable[[Axes], None], rows: int) -> bytes:
+    """Figure + Agg canvas, never pyplot: no process-wide backend switch, no figure registry, safe in threads."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig: Figure = Figure(figsize=(8.0, max(3.0, 1.2 + 0.45 * rows)), dpi=100)
+    FigureCanvasAgg(fig)
+    draw(fig.add_subplot())
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _empty(ax: Axes, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} measured for any candidate", ha="center", va="center", color=_FAIL)
+    ax.set_axis_off()
+
+
+def _colour(cand: Mapping[str, Any]) -> str:
+    return {"win": _WIN, "pass": _PASS}.get(_status(cand), _FAIL)
+
+
+def _latency_rows(doc: Doc) -> Iterator[tuple[str, float, float | None, str, float | None]]:
+    """(label, p50, p95, colour, backend baseline p50) grouped by backend, each backend's FP32 row first."""
+    bases = _baselines(doc)
+    backends = dict.fromkeys(str(c.get("backend")) for c in _candidates(doc))
+    for backend in backends:
+        base = bases.get(backend)
+        base_p50 = _metric(base, "baseline_latency_p50_ms") if base is not None else None
+        if base is not None and base_p50 is not None:
+            yield f"{backend}/fp32", base_p50, _metric(base, "baseline_latency_p95_ms"), _BASE, None
+        for cand in _candidates(doc):
+            p50 = _metric(cand, "latency_p50_ms")
+            if str(cand.get("backend")) == backend and p50 is not None:
+                yield _label(cand), p50, _metric(cand, "latency_p95_ms"), _colour(cand), base_p50
+
+
+def plot_latency(doc: Doc) -> bytes:
+    """p50 (dot) to p95 (bar end) per candidate, FP32 baselines as dark rows; only summary stats are logged."""
+    rows = list(_latency_rows(doc))
+    batch = next((b for c in _candidates(doc) if (b := _metric(c, "gate_batch_size")) is not None), None)
+
+    def draw(ax: Axes) -> None:
+        if not rows:
+            return _empty(ax, "latency")
+        for y, (_, p50, p95, colour, base_p50) in enumerate(rows):
+            if p95 is not None:
+                ax.hlines(y, p50, p95, colors=colour, linewidth=6, alpha=0.45)
+                ax.plot([p95], [y], marker="|", markersize=14, color=colour)
+            ax.plot([p50], [y], marker="o", color=colour)
+            if base_p50 is not None:
+                ax.plot([base_p50], [y], marker="x", color=_BASE, alpha=0.6)
+        ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(left=0)
+        ax.set_xlabel("latency per batch, ms (dot: p50, bar end: p95, x: backend's FP32 p50)")
+        ax.set_title("Latency: FP32 baselines and candidates" + (f" at batch {batch:g}" if batch else ""))
+        ax.grid(axis="x", alpha=0.3)
+        return None
+
+    return _render(draw, len(rows))
+
+
+def plot_tradeoff(doc: Doc, gate: Mapping[str, Any] | None = None) -> bytes:
+    """Quality vs speed with the gate's lines: accuracy drop when labels existed, otherwise fidelity.
+
+    ``gate`` is the policy's gate section as a dict (``policy.gate.model_dump()``); the thresholds are not in
+    the document except inside the checks' prose.
+    """
+    gate = gate or {}
+    use_acc = any(_metric(c, "accuracy_drop") is not None for c in _candidates(doc))
+    key, scale = ("accuracy_drop", 100.0) if use_acc else ("fidelity", 1.0)
+    points = [
+        (c, s, y * scale)
+        for c in _candidates(doc)
+        if (s := _metric(c, "speedup")) is not None and (y := _metric(c, key)) is not None
+    ]
+
+    def draw(ax: Axes) -> None:
+        if not points:
+            return _empty(ax, "speedup or quality")
+        for cand, s, y in points:
+            lo, hi = _metric(cand, "speedup_ci_low"), _metric(cand, "speedup_ci_high")
+            if lo is not None and hi is not None:
+                ax.errorbar([s], [y], xerr=[[max(s - lo, 0.0)], [max(hi - s, 0.0)]], color=_colour(cand), alpha=0.5)
+            if cand.get("promoted"):
+                ax.scatter([s], [y], marker="*", s=260, color=_WIN, zorder=3, label=f"winner: {_label(cand)}")
+            else:
+                ax.scatter([s], [y], s=40, color=_colour(cand), zorder=2)
+            ax.annotate(_label(cand), (s, y), textcoords="offset points", xytext=(6, 5), fontsize=7)
+        ax.scatter([1.0], [0.0 if use_acc else 1.0], marker="x", color=_BASE, label="FP32 baseline")
+        if gate.get("min_speedup") is not None:
+            ax.axvline(float(gate["min_speedup"]), color="#c62828", linestyle="--", label="min speedup")
+        if use_acc and gate.get("max_accuracy_drop") is not None:
+            ax.axhline(float(gate["max_accuracy_drop"]) * 100, color="#ef6c00", linestyle="--", label="max drop")
+        if not use_acc and gate.get("min_fidelity") is not None:
+            ax.axhline(float(gate["min_fidelity"]), color="#ef6c00", linestyle="--", label="min fidelity")
+        ax.set_xlabel("speedup vs FP32 on the same backend (bars: 95% CI)")
+        ax.set_ylabel("accuracy drop, points (lower is better)" if use_acc else "fidelity, mean cosine")
+        ax.set_title("Trade-off (grey: failed the gate)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        return None
+
+    return _render(draw, 6)
+
+
+def plot_sizes(doc: Doc, gate: Mapping[str, Any] | None = None) -> bytes:
+    """Size relative to FP32 per candidate; the winner in green, failed ones grey."""
+    bars = [(c, r) for c in _candidates(doc) if (r := _metric(c, "size_ratio")) is not None]
+    limit = (gate or {}).get("max_size_ratio")
+
+    def draw(ax: Axes) -> None:
+        if not bars:
+            return _empty(ax, "size")
+        ys = range(len(bars))
+        ax.barh(ys, [r for _, r in bars], color=[_colour(c) for c, _ in bars])
+        for y, (_, r) in zip(ys, bars, strict=True):
+            ax.text(r, y, f" {r:.2f}", va="center", fontsize=8)
+        ax.axvline(1.0, color=_BASE, linestyle=":", label="FP32")
+        if limit is not None:
+            ax.axvline(float(limit), color="#c62828", linestyle="--", label="max size ratio")
+        ax.set_xlim(0, max(1.1, 1.15 * max(r for _, r in bars), 1.05 * float(limit or 0)))
+        ax.set_yticks(ys, [_label(c) for c, _ in bars], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("size ratio (compressed / FP32)")
+        ax.set_title("Model size")
+        ax.legend(fontsize=7, loc="lower right")
+        return None
+
+    return _render(draw, len(bars))
+
+
+# --- HTML ----------------------------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem;color:#212121;max-width:70rem}
+table{border-collapse:collapse;font-size:.9rem}th,td{border:1px solid #ddd;padding:.3rem .6rem;text-align:left}
+th{background:#f5f5f5}.pass{background:#e8f5e9}.fail{background:#ffebee}.win{background:#c8e6c9;font-weight:bold}
+img{max-width:100%;border:1px solid #eee;margin:.5rem 0}code{background:#f5f5f5;padding:0 .2rem}
+"""
+
+
+def _png_img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
+
+
+def html_report(doc: Doc, gate: Mapping[str, Any] | None = None) -> str:
+    """One file a reviewer can open anywhere (MLflow artifact view, Prefect, a browser): no external assets."""
+    e = html.escape
+    src = doc.get("source") or {}
+    title = f"quantgate: {src.get('name')} version {src.get('version')}"
+    header, body = _gate_table(doc)
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f'<td class="{cls}">{e(text)}</td>' for text, cls in row) + "</tr>" for row in body)
+    losers = "".join(f"<li><b>{e(label)}</b>: {e(why)}</li>" for label, why in _losers(doc))
+    hw = doc.get("hardware") or {}
+    timings = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in _timings(doc))
+    run = [
+        ("policy hash", doc.get("policy_hash")),
+        ("flavor", doc.get("flavor")),
+        ("experiment", doc.get("experiment")),
+    ]
+    run += [("parent run", doc.get("parent_run_id")), ("tracking URI", doc.get("tracking_uri"))]
+    parts = [
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>',
+        f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>",
+        f'<p class="outcome">{e(_outcome_text(doc))}</p>',
+        f"<h2>Gate</h2><table><tr>{head}</tr>{rows}</table>",
+        f"<h2>{'Why the others lost' if _winner(doc) else 'Why nothing was promoted'}</h2><ul>{losers}</ul>"
+        if losers
+        else "",
+        "<h2>Plots</h2>",
+        _png_img(plot_tradeoff(doc, gate), "accuracy or fidelity against speedup"),
+        _png_img(plot_latency(doc), "latency p50 and p95 per candidate and baseline"),
+        _png_img(plot_sizes(doc, gate), "size ratio per candidate"),
+        f"<h2>Hardware</h2><p>{e(_hardware_text(hw))}</p>",
+        f"<p>Libraries: {e(_libraries_text(hw))}</p>" if _libraries_text(hw) else "",
+        "<h2>Run</h2><ul>" + "".join(f"<li>{e(k)}: <code>{e(str(v))}</code></li>" for k, v in run) + "</ul>",
+        f"<table><tr><th>step</th><th>wall time</th></tr>{timings}</table>" if timings else "",
+        "</body></html>",
+    ]
+    return "\n".join(p for p in parts if p)
