@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from quantgate.errors import InputError, QuantgateError
@@ -263,18 +264,21 @@ def backends() -> None:
     from quantgate.plugins.base import backend_names, load_backend
 
     _quiet_libraries()
-    table = Table("backend", "available", "recipes / reason")
+    table = Table("backend", "available", "why not / what runs here")
     for name in backend_names():
         try:
             backend = load_backend(name)
             status = backend.available()
         except QuantgateError as exc:
-            table.add_row(name, "[red]no[/]", str(exc))
+            table.add_row(name, "[red]no[/]", escape(str(exc)))
             continue
         if status.ok:
             table.add_row(name, "[green]yes[/]", "")
-        else:
-            table.add_row(name, "[red]no[/]", f"{status.reason} {status.hint}".strip())
+            continue
+        why = escape(f"{status.reason} ({status.hint})" if status.hint else status.reason)
+        if status.prepares_here:
+            why += "; its host-independent step (and a quality check on ONNX Runtime) still runs here"
+        table.add_row(name, "[red]no[/]", why)
     out.print(table)
 
 

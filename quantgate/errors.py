@@ -7,6 +7,8 @@ The CLI maps these to exit codes (see README, "Exit codes"):
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class QuantgateError(Exception):
     """Base of every error quantgate raises on purpose."""
@@ -48,6 +50,18 @@ class BackendUnavailable(QuantgateError):
         self.reason = reason
         self.hint = hint
         super().__init__(f"backend '{backend}' is unavailable: {reason}" + (f" ({hint})" if hint else ""))
+
+
+class NeedsTargetHardware(BackendUnavailable):
+    """The host-independent part of a recipe ran here; the rest needs other hardware (e.g. an NVIDIA GPU worker).
+
+    ``artifact`` is an ONNX file any host can run, so its quality can still be checked here.
+    """
+
+    def __init__(self, backend: str, artifact: Path, reason: str, hint: str = "", notes: tuple[str, ...] = ()) -> None:
+        self.artifact = artifact
+        self.notes = notes
+        super().__init__(backend, reason, hint)
 
 
 class BackendError(QuantgateError):

@@ -82,13 +82,19 @@ def judge(metrics: Mapping[str, float], gate: GatePolicy, *, has_labels: bool, e
 
 
 def choose_winner(candidates: Sequence[tuple[Verdict, Mapping[str, float]]]) -> int | None:
-    """Index of the fastest passing candidate (ties go to the smaller one), or ``None``."""
+    """Index of the fastest passing candidate (ties go to the smaller one), or ``None``.
+
+    Each candidate's own speedup is against FP32 on its own runtime; across runtimes they are ranked by the speedup
+    against ONNX Runtime FP32, measured side by side with each candidate, when every passing candidate has it.
+    """
+    passing = [m for v, m in candidates if v.passed]
+    common = "speedup_vs_ort_fp32" if passing and all("speedup_vs_ort_fp32" in m for m in passing) else "speedup"
     best: int | None = None
     best_key: tuple[float, float] = (0.0, 0.0)
     for i, (verdict, metrics) in enumerate(candidates):
         if not verdict.passed:
             continue
-        key = (metrics.get("speedup", 0.0), -metrics.get("size_ratio", 1.0))
+        key = (metrics.get(common, 0.0), -metrics.get("size_ratio", 1.0))
         if best is None or key > best_key:
             best, best_key = i, key
     return best

@@ -13,7 +13,15 @@ from typing import Any
 
 from quantgate import gate, registry
 from quantgate.data import NpzDataset, resolve_data_uri
-from quantgate.errors import BackendError, BackendUnavailable, DataError, InvalidModel, PolicyError
+from quantgate.errors import (
+    BackendError,
+    BackendUnavailable,
+    DataError,
+    InvalidModel,
+    NeedsTargetHardware,
+    PolicyError,
+)
+from quantgate.gate import Check, Verdict
 from quantgate.hardware import Hardware
 from quantgate.intake import to_onnx
 from quantgate.model import ModelInfo
@@ -102,6 +110,7 @@ class PlannedRecipe:
     backend: str
     recipe: Recipe | None  # None: the backend itself is unavailable
     unavailable: str = ""
+    prepare_only: bool = False  # the backend cannot run here; only its host-independent step runs
 
 
 def plan(policy: Policy, model: ModelInfo) -> list[PlannedRecipe]:
@@ -115,12 +124,17 @@ def plan(policy: Policy, model: ModelInfo) -> list[PlannedRecipe]:
             out.append(PlannedRecipe(name, None, str(exc)))
             continue
         status = backend.available()
-        if not status.ok:
-            hint = f" ({status.hint})" if status.hint else ""
-            out.append(PlannedRecipe(name, None, f"backend '{name}' is unavailable: {status.reason}{hint}"))
+        hint = f" ({status.hint})" if status.hint else ""
+        reason = f"backend '{name}' is unavailable: {status.reason}{hint}"
+        if not status.ok and not status.prepares_here:
+            out.append(PlannedRecipe(name, None, reason))
             continue
         known.update(r.name for r in backend.recipes(model))
-        out.extend(PlannedRecipe(name, r) for r in select_recipes(backend, model, policy.recipes))
+        prepare_only = not status.ok
+        out.extend(
+            PlannedRecipe(name, r, reason if prepare_only else "", prepare_only)
+            for r in select_recipes(backend, model, policy.recipes)
+        )
     if policy.recipes is not None:
         unknown = sorted(set(policy.recipes) - known)
         if unknown and known:
@@ -132,20 +146,61 @@ def plan(policy: Policy, model: ModelInfo) -> list[PlannedRecipe]:
 
 @dataclass
 class Baseline:
-    """The FP32 model on one backend's runtime, with its evaluation outputs computed once."""
+    """The FP32 model on one backend's runtime, with its evaluation outputs computed once.
+
+    ``reference`` is the ONNX Runtime FP32 runner when this backend is another runtime: candidates are timed
+    against it too, so candidates of different runtimes can be ranked on one scale.
+    """
 
     backend: Backend
     candidate: Candidate
     runner: Runner
     outputs: EvalOutputs
+    reference: Runner | None = None
 
 
-def baseline_for(backend_name: str, model: ModelInfo, data: DataSets, policy: Policy, workdir: Path) -> Baseline:
+def baseline_for(
+    backend_name: str,
+    model: ModelInfo,
+    data: DataSets,
+    policy: Policy,
+    workdir: Path,
+    reference: Baseline | None = None,
+) -> Baseline:
+    """Build and run the FP32 baseline; a baseline that cannot be built or run is a ``BackendError``."""
     backend = load_backend(backend_name)
-    cand = backend.baseline(model, workdir / backend_name)
-    runner = backend.runner(cand, threads=policy.latency.threads)
-    outputs = collect_outputs(runner, data.evaluation, policy.data.evaluation_samples)
-    return Baseline(backend, cand, runner, outputs)
+    try:
+        cand = backend.baseline(model, workdir / backend_name)
+        runner = backend.runner(cand, threads=policy.latency.threads)
+        outputs = collect_outputs(runner, data.evaluation, policy.data.evaluation_samples)
+    except BackendUnavailable as exc:
+        raise BackendError(str(exc)) from None
+    except BackendError as exc:
+        raise BackendError(f"the FP32 baseline failed on {backend_name}: {exc}") from None
+    _configure_accuracy_control(backend, data, policy)
+    ref = reference.runner if reference is not None and reference.backend is not backend else None
+    return Baseline(backend, cand, runner, outputs, ref)
+
+
+def _configure_accuracy_control(backend: Backend, data: DataSets, policy: Policy) -> None:
+    """Hand accuracy-aware recipes the gate's own threshold, so they restore float layers until the gate passes."""
+    configure = getattr(backend, "configure_accuracy_control", None)
+    if configure is None:
+        return
+    gate_cfg = policy.gate
+    if data.evaluation.has_labels and gate_cfg.max_accuracy_drop is not None:
+        metric, max_drop = "accuracy", gate_cfg.max_accuracy_drop
+    elif gate_cfg.min_fidelity is not None:
+        metric, max_drop = "fidelity", 1.0 - gate_cfg.min_fidelity
+    else:
+        return  # nothing to control against: the recipe fails with its own reason
+    ac = policy.accuracy_control
+    configure(data.evaluation, metric, max_drop, ac.time_budget_s, limit=ac.samples)
+
+
+def failed_result(recipe: Recipe, reason: str, hardware: Hardware, has_labels: bool, policy: Policy) -> CandidateResult:
+    verdict = gate.judge({}, policy.gate, has_labels=has_labels, error=reason)
+    return CandidateResult(recipe, {}, verdict, hardware)
 
 
 @dataclass
@@ -187,6 +242,7 @@ def evaluate(
         latency=policy.latency,
         hardware=hardware,
         eval_limit=policy.data.evaluation_samples,
+        reference_runner=base.reference,
     )
     metrics: dict[str, float] = {}
     details: dict[str, object] = {}
@@ -209,10 +265,75 @@ def evaluate(
     return CandidateRun(result, t1 - t0, time.perf_counter() - t1)
 
 
+QUALITY_VALIDATORS = ("accuracy", "fidelity", "size")
+
+
+def evaluate_prepared(
+    planned: PlannedRecipe,
+    reference: Baseline,
+    model: ModelInfo,
+    data: DataSets,
+    policy: Policy,
+    hardware: Hardware,
+    workdir: Path,
+    validators: list[Validator],
+) -> CandidateRun:
+    """A recipe whose backend cannot run on this host: run its host-independent step, check the quality of what it
+    produced on ONNX Runtime here, and fail it with the hardware it needs. Latency is never measured off-target."""
+    assert planned.recipe is not None
+    recipe = planned.recipe
+    t0 = time.perf_counter()
+    calib = Calibration(data.calibration, policy.data.calibration_batch_size, policy.data.calibration_samples)
+    has_labels = data.evaluation.has_labels
+    try:
+        built = load_backend(planned.backend).compress(model, recipe, calib, workdir / recipe.backend / recipe.name)
+    except NeedsTargetHardware as exc:
+        needs = exc
+    except (BackendError, BackendUnavailable) as exc:
+        return CandidateRun(failed_result(recipe, str(exc), hardware, has_labels, policy), time.perf_counter() - t0)
+    else:  # the backend became able to run here mid-run (a GPU appeared?): no baseline was built for it
+        reason = f"{recipe.backend} became available mid-run ({built.artifact.name}); run again to measure it"
+        return CandidateRun(failed_result(recipe, reason, hardware, has_labels, policy), time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    try:
+        from quantgate.plugins.onnxruntime import OrtRunner
+
+        runner = OrtRunner(needs.artifact, threads=policy.latency.threads)
+    except BackendError as exc:
+        reason = f"the prepared ONNX does not run on ONNX Runtime: {exc}"
+        return CandidateRun(failed_result(recipe, reason, hardware, has_labels, policy), t1 - t0)
+    prepared = Candidate(recipe, needs.artifact, needs.notes)
+    ctx = ValidationContext(
+        baseline=reference.candidate,
+        candidate=prepared,
+        baseline_runner=reference.runner,
+        candidate_runner=runner,
+        evaluation=data.evaluation,
+        baseline_outputs=reference.outputs,
+        latency=policy.latency,
+        hardware=hardware,
+        eval_limit=policy.data.evaluation_samples,
+    )
+    metrics: dict[str, float] = {}
+    details: dict[str, object] = {}
+    for validator in validators:
+        if validator.name in QUALITY_VALIDATORS and validator.applies(ctx):
+            measurement = validator.measure(ctx)
+            metrics.update(measurement.metrics)
+            details[measurement.validator] = measurement.details
+    quality_gate = policy.gate.model_copy(update={"min_speedup": None, "max_size_ratio": None})
+    quality = gate.judge(metrics, quality_gate, has_labels=has_labels)
+    checks = (*quality.checks, Check("target", False, str(needs)))
+    notes = [*needs.notes, "quality measured with ONNX Runtime on this host; latency is measured on the target only"]
+    result = CandidateResult(
+        recipe, metrics, Verdict(False, checks), hardware, artifact=None, notes=notes, details=details
+    )
+    return CandidateRun(result, t1 - t0, time.perf_counter() - t1)
+
+
 def unavailable_result(planned: PlannedRecipe, hardware: Hardware, has_labels: bool, policy: Policy) -> CandidateResult:
     recipe = Recipe.make(planned.backend, "(backend unavailable)", "none")
-    verdict = gate.judge({}, policy.gate, has_labels=has_labels, error=planned.unavailable)
-    return CandidateResult(recipe, {}, verdict, hardware)
+    return failed_result(recipe, planned.unavailable, hardware, has_labels, policy)
 
 
 def promote(results: list[CandidateResult]) -> CandidateResult | None:

@@ -54,6 +54,13 @@ class LatencyPolicy(_Strict):
         return v
 
 
+class AccuracyControlPolicy(_Strict):
+    """Settings of accuracy-aware recipes (OpenVINO's ``int8-accuracy-control``); the allowed drop is the gate's."""
+
+    time_budget_s: float = Field(default=600.0, gt=0.0, description="Wall-clock limit; the recipe fails past it")
+    samples: int | None = Field(default=300, ge=1, description="Evaluation samples the recipe validates on")
+
+
 class RegistryPolicy(_Strict):
     experiment: str = Field(default="quantgate", min_length=1)
     alias: str = Field(default="compressed", pattern=r"^[A-Za-z0-9_-]{1,255}$")
@@ -76,6 +83,7 @@ class Policy(_Strict):
     data: DataPolicy = DataPolicy()
     gate: GatePolicy = GatePolicy()
     latency: LatencyPolicy = LatencyPolicy()
+    accuracy_control: AccuracyControlPolicy = AccuracyControlPolicy()
     registry: RegistryPolicy = RegistryPolicy()
 
     def digest(self) -> str:

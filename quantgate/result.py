@@ -85,6 +85,17 @@ class CompressionResult:
         winner = self.promoted
         return winner.registered_uri if winner else None
 
+    @property
+    def host_notes(self) -> list[str]:
+        """What a reader must know about this host to read the figures right."""
+        notes = []
+        if not self.hardware.int8_dot_product:
+            notes.append(
+                "this host has no INT8 dot-product instructions (no VNNI/AMX): INT8 may be slower than FP32 here; "
+                "the latency gate decided from measurements, not from that assumption"
+            )
+        return notes
+
     def to_document(self) -> dict[str, object]:
         return {
             "source": {"name": self.source.name, "version": self.source.version, "uri": self.source.uri},
@@ -94,6 +105,7 @@ class CompressionResult:
             "promoted_uri": self.promoted_uri,
             "candidates": [c.to_dict() for c in self.candidates],
             "hardware": self.hardware.as_dict(),
+            "host_notes": self.host_notes,
             "experiment": self.experiment,
             "parent_run_id": self.parent_run_id,
             "tracking_uri": self.tracking_uri,

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from quantgate import registry
+from quantgate import registry, serving
 from quantgate.errors import RegistrationError
 from quantgate.model import ModelInfo
 from quantgate.policy import Policy
@@ -28,16 +28,6 @@ def _experiment_id(client: Any, name: str) -> str:
             client.restore_experiment(exp.experiment_id)
         return str(exp.experiment_id)
     return str(client.create_experiment(name))
-
-
-def _signature(model: ModelInfo) -> Any:
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    def spec(t: Any) -> Any:
-        return TensorSpec(t.dtype, tuple(-1 if d is None else d for d in t.shape), t.name)
-
-    return ModelSignature(Schema([spec(t) for t in model.inputs]), Schema([spec(t) for t in model.outputs]))
 
 
 def _log_json(client: Any, run_id: str, name: str, payload: object) -> None:
@@ -81,7 +71,6 @@ def _log_candidate(
     log_model: bool,
 ) -> str | None:
     """Child run for one candidate; returns the logged model URI when the model was logged."""
-    import mlflow
 
     run = client.create_run(
         exp_id,
@@ -108,34 +97,9 @@ def _log_candidate(
     _log_json(client, run_id, "report.json", report)
     model_uri = None
     if log_model and cand.artifact is not None:
-        import onnx
-        from mlflow.models import Model
-
-        # Explicit experiment and run ids: the fluent API would use whatever experiment is active in
-        # this process, which is the caller's, not ours.
-        logged = client.create_logged_model(experiment_id=exp_id, name="model", source_run_id=run_id)
-        info = Model.log(
-            artifact_path=None,
-            name="model",
-            flavor=mlflow.onnx,
-            run_id=run_id,
-            model_id=logged.model_id,
-            onnx_model=onnx.load(str(cand.artifact)),
-            signature=_signature(model),
-            pip_requirements=serving_requirements(cand.hardware.libraries),
-            onnx_execution_providers=["CPUExecutionProvider"],
-        )
-        model_uri = str(info.model_uri)
+        model_uri = serving.log_candidate_model(client, exp_id, run_id, cand, model)
     client.set_terminated(run_id, "FINISHED")
     return model_uri
-
-
-def serving_requirements(libraries: dict[str, str]) -> list[str]:
-    """Exact pins of what serving the ONNX version needs, so it loads the same in a fresh environment.
-
-    Given explicitly because MLflow's inference spawns a Python process per logged model (~3 s each).
-    """
-    return [f"{lib}=={libraries[lib]}" for lib in ("mlflow", "onnx", "onnxruntime", "numpy") if lib in libraries]
 
 
 def _wants_registration(policy: Policy, cand: CandidateResult) -> bool:

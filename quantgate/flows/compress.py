@@ -11,12 +11,14 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from quantgate import pipeline, registry, tracking
+from quantgate.errors import BackendError
 from quantgate.hardware import Hardware, detect
 from quantgate.model import ModelInfo
 from quantgate.pipeline import Baseline, DataSets, Intake, PlannedRecipe
 from quantgate.policy import Policy, parse_policy
 from quantgate.result import CandidateResult, CompressionResult
 from quantgate.validators.base import Validator, load_validators
+from quantgate.validators.latency import REFERENCE_BACKEND
 
 # Objects passed between these tasks (open data sets, ONNX Runtime sessions) live in this process only:
 # every task has no result persistence and no input hashing (cache_policy=NO_CACHE).
@@ -39,8 +41,14 @@ def data_task(policy: Policy, source: registry.SourceVersion, model: ModelInfo, 
 
 
 @task(name="baseline", task_run_name="baseline-{backend}", cache_policy=NO_CACHE, persist_result=False)
-def baseline_task(backend: str, model: ModelInfo, data: DataSets, policy: Policy, workdir: Path) -> Baseline:
-    return pipeline.baseline_for(backend, model, data, policy, workdir)
+def baseline_task(
+    backend: str, model: ModelInfo, data: DataSets, policy: Policy, workdir: Path, reference: Baseline | None
+) -> Baseline | str:
+    """The baseline, or why it failed (returned, not raised: one runtime's failure is a result, not a crash)."""
+    try:
+        return pipeline.baseline_for(backend, model, data, policy, workdir, reference)
+    except BackendError as exc:
+        return str(exc)
 
 
 @task(
@@ -61,6 +69,25 @@ def candidate_task(
 ) -> pipeline.CandidateRun:
     assert planned.recipe is not None
     return pipeline.evaluate(base, planned.recipe, model, data, policy, hardware, workdir, validators)
+
+
+@task(
+    name="prepare-and-check",
+    task_run_name="{planned.backend}-{planned.recipe.name}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def prepared_task(
+    planned: PlannedRecipe,
+    reference: Baseline,
+    model: ModelInfo,
+    data: DataSets,
+    policy: Policy,
+    hardware: Hardware,
+    workdir: Path,
+    validators: list[Validator],
+) -> pipeline.CandidateRun:
+    return pipeline.evaluate_prepared(planned, reference, model, data, policy, hardware, workdir, validators)
 
 
 @task(name="gate", cache_policy=NO_CACHE, persist_result=False)
@@ -114,17 +141,34 @@ def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: 
     clock.lap("data")
     results: list[CandidateResult] = []
     compress_s = validate_s = 0.0
-    baselines: dict[str, Baseline] = {}
+    baselines: dict[str, Baseline | str] = {}  # a str says why that backend's FP32 baseline failed
+
+    def baseline(name: str) -> Baseline | str:
+        nonlocal validate_s
+        if name not in baselines:
+            reference = baseline(REFERENCE_BACKEND) if name != REFERENCE_BACKEND else None
+            t = time.perf_counter()
+            # A str result (e.g. a graph this runtime cannot convert) fails that backend's recipes; others go on.
+            baselines[name] = baseline_task(
+                name, taken.model, data, policy, workdir, reference if isinstance(reference, Baseline) else None
+            )
+            validate_s += time.perf_counter() - t
+        return baselines[name]
+
+    has_labels = data.evaluation.has_labels
     # Sequential on purpose: latency is measured on this host, and parallel candidates would disturb it.
     for item in planned:
         if item.recipe is None:
-            results.append(pipeline.unavailable_result(item, hardware, data.evaluation.has_labels, policy))
+            results.append(pipeline.unavailable_result(item, hardware, has_labels, policy))
             continue
-        if item.backend not in baselines:
-            t = time.perf_counter()
-            baselines[item.backend] = baseline_task(item.backend, taken.model, data, policy, workdir)
-            validate_s += time.perf_counter() - t
-        run = candidate_task(item, baselines[item.backend], taken.model, data, policy, hardware, workdir, validators)
+        base = baseline(REFERENCE_BACKEND if item.prepare_only else item.backend)
+        if isinstance(base, str):
+            results.append(pipeline.failed_result(item.recipe, base, hardware, has_labels, policy))
+            continue
+        if item.prepare_only:
+            run = prepared_task(item, base, taken.model, data, policy, hardware, workdir, validators)
+        else:
+            run = candidate_task(item, base, taken.model, data, policy, hardware, workdir, validators)
         compress_s += run.compress_s
         validate_s += run.validate_s
         results.append(run.result)

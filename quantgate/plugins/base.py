@@ -85,6 +85,8 @@ class Availability:
     ok: bool
     reason: str = ""
     hint: str = ""
+    # Not ok, but compress() still does its host-independent step here and then raises NeedsTargetHardware.
+    prepares_here: bool = False
 
 
 class Backend(Protocol):

@@ -21,13 +21,13 @@ import shutil
 import subprocess
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from quantgate.errors import BackendError, BackendUnavailable, QuantgateError
+from quantgate.errors import BackendError, BackendUnavailable, NeedsTargetHardware, QuantgateError
 from quantgate.model import ModelInfo
 from quantgate.plugins.base import Availability, Calibration, Candidate, Recipe, Runner
 from quantgate.plugins.onnxruntime import _first_line, _model_files
@@ -65,13 +65,18 @@ RECIPES: tuple[Recipe, ...] = (
 )  # fmt: skip
 
 
-class EngineNotBuilt(BackendUnavailable):
+class EngineNotBuilt(NeedsTargetHardware):
     """Step 1 succeeded (``onnx_path`` is TensorRT-ready and passed the form check) but no engine can be built here."""
 
     def __init__(self, onnx_path: Path, reason: str, hint: str, notes: tuple[str, ...] = ()) -> None:
         self.onnx_path = onnx_path
-        self.notes = notes
-        super().__init__(NAME, f"needs an NVIDIA GPU worker: {reason}; the TensorRT-ready ONNX is {onnx_path}", hint)
+        super().__init__(
+            NAME,
+            onnx_path,
+            f"needs an NVIDIA GPU worker: {reason}; the TensorRT-ready ONNX is {onnx_path.name}",
+            hint,
+            notes,
+        )
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,9 @@ class TensorRtBackend:
     name = NAME
 
     def available(self) -> Availability:
-        return _probe()[1]
+        status = _probe()[1]
+        # Step 1 (the checked QDQ ONNX) needs only onnx and onnxruntime, so it runs on any host.
+        return status if status.ok else replace(status, prepares_here=True)
 
     def recipes(self, model: ModelInfo) -> list[Recipe]:
         return list(RECIPES)

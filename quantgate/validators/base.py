@@ -54,6 +54,8 @@ class ValidationContext:
     latency: LatencyPolicy
     hardware: Hardware
     eval_limit: int | None = None
+    # ONNX Runtime FP32, when the baseline is another runtime: the common yardstick across backends.
+    reference_runner: Runner | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
     @cached_property

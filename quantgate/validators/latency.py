@@ -7,13 +7,14 @@ a shared host: the ratio of medians is stable even when absolute times drift.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from quantgate.plugins.base import Runner
 from quantgate.validators.base import Measurement, ValidationContext
 
+REFERENCE_BACKEND = "onnxruntime"
 _BOOTSTRAP = 1000
 _SEED = 20261123
 
@@ -28,19 +29,24 @@ def measure_interleaved(
     baseline: Runner, candidate: Runner, inputs: Mapping[str, np.ndarray], *, warmup: int, rounds: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-round milliseconds for baseline and candidate, alternating which goes first."""
-    for _ in range(warmup):
-        baseline.run(inputs)
-        candidate.run(inputs)
-    base = np.empty(rounds)
-    cand = np.empty(rounds)
-    for i in range(rounds):
-        if i % 2 == 0:
-            base[i] = _time_once(baseline, inputs)
-            cand[i] = _time_once(candidate, inputs)
-        else:
-            cand[i] = _time_once(candidate, inputs)
-            base[i] = _time_once(baseline, inputs)
+    base, cand = measure_rotating([baseline, candidate], inputs, warmup=warmup, rounds=rounds)
     return base, cand
+
+
+def measure_rotating(
+    runners: Sequence[Runner], inputs: Mapping[str, np.ndarray], *, warmup: int, rounds: int
+) -> list[np.ndarray]:
+    """Per-round milliseconds for every runner; each round starts with the next runner, so none is always first."""
+    for _ in range(warmup):
+        for runner in runners:
+            runner.run(inputs)
+    times = [np.empty(rounds) for _ in runners]
+    n = len(runners)
+    for i in range(rounds):
+        for j in range(n):
+            k = (i + j) % n
+            times[k][i] = _time_once(runners[k], inputs)
+    return times
 
 
 def speedup_ci(base: np.ndarray, cand: np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -71,11 +77,15 @@ class LatencyValidator:
     def measure(self, ctx: ValidationContext) -> Measurement:
         cfg = ctx.latency
         metrics: dict[str, float] = {"threads": float(cfg.threads), "rounds": float(cfg.rounds)}
+        reference = ctx.reference_runner
+        on_reference = ctx.baseline.recipe.backend == REFERENCE_BACKEND
         for i, size in enumerate(cfg.batch_sizes):
             inputs = _batch(ctx, size)
-            base, cand = measure_interleaved(
-                ctx.baseline_runner, ctx.candidate_runner, inputs, warmup=cfg.warmup, rounds=cfg.rounds
-            )
+            runners = [ctx.baseline_runner, ctx.candidate_runner]
+            if reference is not None and not on_reference:
+                runners.append(reference)
+            timed = measure_rotating(runners, inputs, warmup=cfg.warmup, rounds=cfg.rounds)
+            base, cand = timed[0], timed[1]
             low, high = speedup_ci(base, cand)
             per_batch = {
                 "baseline_latency_p50_ms": float(np.median(base)),
@@ -86,6 +96,13 @@ class LatencyValidator:
                 "speedup_ci_low": low,
                 "speedup_ci_high": high,
             }
+            if on_reference:  # the baseline is ONNX Runtime FP32 already
+                per_batch["speedup_vs_ort_fp32"] = per_batch["speedup"]
+            elif len(timed) == 3:
+                ref = timed[2]
+                per_batch["ort_fp32_latency_p50_ms"] = float(np.median(ref))
+                per_batch["speedup_vs_ort_fp32"] = float(np.median(ref) / np.median(cand))
+                per_batch["baseline_speedup_vs_ort_fp32"] = float(np.median(ref) / np.median(base))
             metrics.update({f"{k}_b{size}": v for k, v in per_batch.items()})
             if i == 0:  # the first batch size is the one the gate reads
                 metrics.update(per_batch)

@@ -122,3 +122,68 @@ def test_data_is_found_through_version_tags_when_the_policy_names_none(
 def test_unknown_recipe_is_a_policy_error(tracking_uri: str, digits_uri: str, calib_npz: Path, eval_npz: Path) -> None:
     with pytest.raises(PolicyError, match="unknown recipe"):
         compress_model(digits_uri, test_policy(calib_npz, eval_npz, recipes=["int4-magic"]), tracking_uri)
+
+
+def test_one_run_evaluates_every_backend_and_promotes_the_fastest_on_a_common_scale(
+    tracking_uri: str, digits_uri: str, calib_npz: Path, eval_npz: Path, eval_data: Any
+) -> None:
+    policy = test_policy(
+        calib_npz,
+        eval_npz,
+        backends=["onnxruntime", "openvino", "tensorrt"],
+        recipes=["int8-static-qdq-minmax-perchannel", "int8-ptq-performance", "int8-accuracy-control", "int8-qdq"],
+        accuracy_control={"time_budget_s": 300, "samples": 200},
+    )
+    doc = compress_model(digits_uri, policy, tracking_uri)
+
+    cands = {(c["backend"], c["recipe"]): c for c in doc["candidates"]}
+    assert set(cands) == {
+        ("onnxruntime", "int8-static-qdq-minmax-perchannel"),
+        ("openvino", "int8-ptq-performance"),
+        ("openvino", "int8-accuracy-control"),
+        ("tensorrt", "int8-qdq"),
+    }
+    ort = cands["onnxruntime", "int8-static-qdq-minmax-perchannel"]
+    assert ort["all_metrics"]["speedup_vs_ort_fp32"] == ort["all_metrics"]["speedup"]
+    for recipe in ("int8-ptq-performance", "int8-accuracy-control"):
+        ov = cands["openvino", recipe]["all_metrics"]
+        # Timed side by side against both its own FP32 (OpenVINO) and ONNX Runtime FP32.
+        assert ov["speedup_vs_ort_fp32"] > 0 and ov["ort_fp32_latency_p50_ms"] > 0
+        assert ov["speedup_vs_ort_fp32"] == pytest.approx(
+            ov["ort_fp32_latency_p50_ms"] / ov["latency_p50_ms"], rel=1e-6
+        )
+    assert any(
+        "accuracy control on 200 samples by accuracy" in n for n in cands["openvino", "int8-accuracy-control"]["notes"]
+    )
+
+    passing = [c for c in doc["candidates"] if c["passed"]]
+    assert passing, [c["reasons"] for c in doc["candidates"]]
+    winner = max(passing, key=lambda c: c["all_metrics"]["speedup_vs_ort_fp32"])
+    assert winner["promoted"] and doc["promoted_uri"] == winner["registered_uri"]
+
+    # No GPU here: TensorRT's step 1 ran and was checked for quality on ONNX Runtime, step 2 is routed elsewhere.
+    trt = cands["tensorrt", "int8-qdq"]
+    checks = {c["name"]: c for c in trt["checks"]}
+    assert not trt["passed"] and trt["registered_uri"] is None
+    assert not checks["target"]["passed"] and "needs an NVIDIA GPU worker" in checks["target"]["detail"]
+    assert checks["accuracy"]["passed"] and abs(trt["metrics"]["accuracy_drop"]) <= 0.01
+    assert "speedup" not in trt["all_metrics"]  # never measured off-target
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("quantgate").experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == doc["parent_run_id"]]
+    assert {(r.data.params["backend"], r.data.params["recipe"]) for r in children} == set(cands)
+    assert not any(name.startswith("digits-tensorrt") for name, _, _ in model_versions(tracking_uri))
+
+    # An OpenVINO version serves from MLflow as it is, with the source model's input signature.
+    ov_passing = [c for c in passing if c["backend"] == "openvino"]
+    assert ov_passing, [cands["openvino", r]["reasons"] for r in ("int8-ptq-performance", "int8-accuracy-control")]
+    import mlflow.pyfunc
+
+    served = mlflow.pyfunc.load_model(ov_passing[0]["registered_uri"])
+    assert served.metadata.get_input_schema().input_names() == ["input"]
+    pred = served.predict({"input": eval_data["input"][:64]})
+    top1 = np.argmax(pred["output"], axis=1)
+    assert np.mean(top1 == eval_data["labels"][:64]) >= 0.9
+    single = served.predict(eval_data["input"][:4])  # a bare array for a single-input model, as the onnx flavor
+    assert np.array_equal(np.argmax(single["output"], axis=1), top1[:4])

@@ -306,7 +306,7 @@ def test_compress_writes_the_checked_onnx_then_says_it_needs_a_gpu_worker(
     onnx_path = workdir / f"{recipe.name}.onnx"
     assert exc.onnx_path == onnx_path and onnx_path.exists()
     assert "needs an NVIDIA GPU worker: TensorRT is not installed" in str(exc)
-    assert str(onnx_path) in str(exc)
+    assert onnx_path.name in str(exc)
     assert check_tensorrt_qdq(onnx_path) == []
     ops = {n.op_type for n in onnx.load(str(onnx_path)).graph.node}
     assert ("QuantizeLinear" in ops) == (recipe.precision == "int8")
