@@ -140,15 +140,20 @@ def _run_flow(model_uri: str, policy: dict[str, Any], tracking_uri: str, show_pr
 
 def gate_table(doc: dict[str, Any]) -> Table:
     table = Table(title=f"quantgate: {doc['source']['uri']} ({doc['flavor']})", title_justify="left")
-    for col in ("backend", "recipe", "gate", "speedup", "95% CI", "p50 ms", "size", "acc. drop", "fidelity"):
+    # Each speedup is against FP32 on the candidate's own runtime; with several runtimes, the common yardstick too.
+    cross = len({c["backend"] for c in doc["candidates"]}) > 1
+    columns = ["backend", "recipe", "gate", "speedup", "95% CI", *(["vs ORT FP32"] if cross else [])]
+    for col in (*columns, "p50 ms", "size", "acc. drop", "fidelity"):
         table.add_column(col, justify="right" if col not in ("backend", "recipe", "gate") else "left")
     for c in doc["candidates"]:
         m = c["all_metrics"]
         verdict = "[green]PROMOTED[/]" if c["promoted"] else ("[green]pass[/]" if c["passed"] else "[red]fail[/]")
+        vs_ort = [f"{m['speedup_vs_ort_fp32']:.2f}x" if "speedup_vs_ort_fp32" in m else "-"] if cross else []
         table.add_row(
-            c["backend"], c["recipe"], verdict,
+            c["backend"], escape(c["recipe"]), verdict,
             f"{m['speedup']:.2f}x" if "speedup" in m else "-",
             f"{m['speedup_ci_low']:.2f}-{m['speedup_ci_high']:.2f}" if "speedup_ci_low" in m else "-",
+            *vs_ort,
             f"{m['latency_p50_ms']:.3f}" if "latency_p50_ms" in m else "-",
             f"{m['size_ratio']:.2f}" if "size_ratio" in m else "-",
             f"{m['accuracy_drop'] * 100:+.2f} pt" if "accuracy_drop" in m else "-",
@@ -161,7 +166,9 @@ def print_summary(doc: dict[str, Any]) -> None:
     out.print(gate_table(doc))
     for c in doc["candidates"]:
         if not c["passed"]:
-            out.print(f"  [red]x[/] {c['backend']}/{c['recipe']}: " + "; ".join(c["reasons"]), markup=True)
+            out.print(f"  [red]x[/] {escape(c['backend'] + '/' + c['recipe'])}: " + escape("; ".join(c["reasons"])))
+    for note in doc.get("host_notes", []):
+        out.print(f"  [yellow]![/] {escape(note)}")
     if doc["promoted_uri"]:
         out.print(f"[green]promoted[/] {doc['promoted_uri']}")
     else:

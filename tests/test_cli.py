@@ -169,10 +169,31 @@ def test_unreachable_tracking_server_exit_2(tmp_path: Path, qg_home: Path) -> No
     assert_clean_failure(proc, "cannot reach the MLflow tracking server at http://127.0.0.1:9")
 
 
-def test_backends_lists_onnxruntime_as_available(tmp_path: Path, qg_home: Path) -> None:
+def test_backends_lists_every_backend_and_why_tensorrt_is_not_available_here(tmp_path: Path, qg_home: Path) -> None:
     proc = run_cli(["backends"], "sqlite:///x.db", qg_home, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "onnxruntime" in proc.stdout and "yes" in proc.stdout
+    rows = {line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith("│ ")}
+    assert "yes" in rows["onnxruntime"] and "yes" in rows["openvino"]
+    assert " no " in rows["tensorrt"] and "TensorRT is not installed" in rows["tensorrt"]
+    assert "quantgate[tensorrt]" in proc.stdout.replace("│", "").replace("\n", "")
+
+
+def test_tensorrt_on_a_cpu_host_prepares_and_checks_step_1_registers_nothing_exit_1(
+    tracking_uri: str, digits_uri: str, calib_npz: Path, eval_npz: Path, tmp_path: Path, qg_home: Path
+) -> None:
+    policy = write_policy(
+        tmp_path / "p.yaml", test_policy(calib_npz, eval_npz, backends=["tensorrt"], recipes=["int8-qdq", "fp16"])
+    )
+    proc = run_cli(["compress", digits_uri, "--policy", str(policy), "--json"], tracking_uri, qg_home, tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == ""
+    doc = json.loads(proc.stdout)
+    assert doc["outcome"] == "none_passed" and doc["promoted_uri"] is None
+    for cand in doc["candidates"]:
+        checks = {c["name"]: c for c in cand["checks"]}
+        assert checks["accuracy"]["passed"], cand  # step 1's ONNX was run and scored here
+        assert "needs an NVIDIA GPU worker" in checks["target"]["detail"]
+    assert [v[0] for v in model_versions(tracking_uri)] == ["digits"]
 
 
 def test_prefects_own_ephemeral_mode_runs_quietly(

@@ -19,7 +19,7 @@ from mlflow.pyfunc.model import PythonModel
 
 def _needs(meta: dict[str, Any]) -> str:
     return (
-        f"this model is a TensorRT engine built for an NVIDIA {meta.get('gpu', '?')} (compute capability "
+        f"this model is a TensorRT engine built on an {meta.get('gpu', '?')} (compute capability "
         f"{meta.get('compute_capability', '?')}) with TensorRT {meta.get('tensorrt', '?')}"
     )
 
@@ -36,16 +36,22 @@ class TensorRtEngineModel(PythonModel):  # type: ignore[misc]
             raise RuntimeError(
                 f"{_needs(meta)}; load it on such a GPU worker with quantgate[tensorrt] installed ({exc})"
             ) from None
+        backend = TensorRtBackend()
+        status = backend.available()
+        if not status.ok:
+            hint = f" ({status.hint})" if status.hint else ""
+            raise RuntimeError(f"{_needs(meta)}; this host cannot run it: {status.reason}{hint}")
         candidate = Candidate(Recipe.make("tensorrt", str(meta.get("recipe")), str(meta.get("precision"))), engine)
         try:
-            self._runner = TensorRtBackend().runner(candidate, threads=1)
-        except QuantgateError as exc:
+            self._runner = backend.runner(candidate, threads=1)
+        except QuantgateError as exc:  # e.g. another GPU architecture or TensorRT version: rebuild, never load
             raise RuntimeError(f"{_needs(meta)}; it cannot run here: {exc}") from None
         self._inputs: list[str] = list(meta.get("inputs", []))
         self._outputs: list[str] = list(meta.get("outputs", []))
 
-    # No type hints on predict: MLflow would read them as an input schema and warn.
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+    # np.ndarray is the one hint MLflow neither validates against nor warns about (no hint or Any warns); a dict
+    # of arrays arrives here too, already checked against the logged signature.
+    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> Any:
         if isinstance(model_input, dict):
             feeds = {name: np.asarray(model_input[name]) for name in self._inputs}
         else:

@@ -187,3 +187,50 @@ def test_one_run_evaluates_every_backend_and_promotes_the_fastest_on_a_common_sc
     assert np.mean(top1 == eval_data["labels"][:64]) >= 0.9
     single = served.predict(eval_data["input"][:4])  # a bare array for a single-input model, as the onnx flavor
     assert np.array_equal(np.argmax(single["output"], axis=1), top1[:4])
+
+
+def _inverse_onnx(path: Path) -> Path:
+    """A graph ONNX Runtime runs and OpenVINO cannot convert (com.microsoft.Inverse has no OpenVINO rule)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], np.eye(4, dtype=np.float32).ravel().tolist())
+    nodes = [
+        helper.make_node("Inverse", ["x"], ["inv"], domain="com.microsoft"),
+        helper.make_node("MatMul", ["inv", "w"], ["mm"]),
+        helper.make_node("Flatten", ["mm"], ["y"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "inverse",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 16])],
+        [weight],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+    return path
+
+
+def test_a_graph_openvino_cannot_convert_fails_only_the_openvino_candidates(
+    tracking_uri: str, tmp_path: Path, rng: np.random.Generator
+) -> None:
+    uri = register_onnx(tracking_uri, _inverse_onnx(tmp_path / "inverse.onnx"), "inverse")
+    x = (rng.random((64, 4, 4)) + 2 * np.eye(4)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x)
+    policy = test_policy(
+        tmp_path / "data.npz",
+        tmp_path / "data.npz",
+        backends=["openvino", "onnxruntime"],
+        recipes=["int8-ptq-performance", "int8-static-qdq-minmax-perchannel"],
+        gate={"min_fidelity": 0.9, "min_speedup": None},
+    )
+    doc = compress_model(uri, policy, tracking_uri)
+
+    cands = {c["backend"]: c for c in doc["candidates"]}
+    assert not cands["openvino"]["passed"]
+    assert cands["openvino"]["reasons"] == [
+        "the FP32 baseline failed on openvino: openvino cannot convert model.onnx: "
+        "No conversion rule found for operations: com.microsoft.Inverse"
+    ]
+    assert "fidelity" in cands["onnxruntime"]["all_metrics"]  # the other backend went on

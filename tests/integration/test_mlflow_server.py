@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -64,6 +66,54 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.wait()
 
 
+@contextlib.contextmanager
+def _served(model_uri: str, tracking: str, workdir: Path) -> Iterator[str]:
+    """`mlflow models serve` in this environment (``--env-manager local``) on a free port on 127.0.0.1."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=tracking, MLFLOW_DISABLE_TELEMETRY="true")
+    # `mlflow models serve` execs `uvicorn` from PATH, as in an activated environment.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    log_path = workdir / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", model_uri, "--env-manager",
+             "local", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/ping", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow models serve {model_uri} did not start: {log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _invoke(url: str, payload: dict[str, object]) -> dict[str, object]:
+    request = urllib.request.Request(
+        url + "/invocations", json.dumps(payload).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        answer: dict[str, object] = json.loads(resp.read())
+    return answer
+
+
 def test_compress_against_a_real_tracking_server_registers_a_servable_version(
     mlflow_server: str, digits_onnx: Path, calib_npz: Path, eval_npz: Path, eval_data: dict[str, np.ndarray],
     tmp_path: Path, qg_home: Path, monkeypatch: pytest.MonkeyPatch,
@@ -79,7 +129,14 @@ def test_compress_against_a_real_tracking_server_registers_a_servable_version(
         source_uri = register_onnx(mlflow_server, digits_onnx, "digits-server")
         MlflowClient(mlflow_server).set_registered_model_alias("digits-server", "champion", "1")
         policy = tmp_path / "policy.yaml"
-        policy.write_text(yaml.safe_dump(test_policy(calib_npz, eval_npz)))
+        both = test_policy(
+            calib_npz,
+            eval_npz,
+            backends=["onnxruntime", "openvino"],
+            recipes=["int8-static-qdq-minmax-perchannel", "int8-ptq-performance"],
+            gate={"min_speedup": 1.0},  # both register; which one wins is not this test's question
+        )
+        policy.write_text(yaml.safe_dump(both))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
         env["QUANTGATE_HOME"] = str(qg_home)
         proc = subprocess.run(
@@ -92,15 +149,37 @@ def test_compress_against_a_real_tracking_server_registers_a_servable_version(
         assert proc.stdout.startswith("{"), proc.stdout[:2000]
         doc = json.loads(proc.stdout)
         assert doc["source"]["uri"] == source_uri  # the alias was pinned to a version
+        registered = {c["backend"]: c["registered_uri"] for c in doc["candidates"]}
+        assert registered == {
+            "onnxruntime": "models:/digits-server-onnxruntime-int8/1",
+            "openvino": "models:/digits-server-openvino-int8/1",
+        }, [c["reasons"] for c in doc["candidates"]]
         promoted = doc["promoted_uri"]
-        assert promoted == "models:/digits-server-onnxruntime-int8/1"
-
+        name = promoted.split("/")[1]
         client = MlflowClient(mlflow_server)
-        assert str(client.get_model_version_by_alias("digits-server-onnxruntime-int8", "compressed").version) == "1"
-        served = mlflow.pyfunc.load_model(promoted)
-        out = served.predict({"input": eval_data["input"][:16]})["output"]
-        accuracy = float(np.mean(np.argmax(out, axis=1) == eval_data["labels"][:16]))
-        assert accuracy >= 0.8
+        assert str(client.get_model_version_by_alias(name, "compressed").version) == "1"
+
+        x = eval_data["input"][:16]
+        in_process = {}
+        for backend, uri in registered.items():
+            served = mlflow.pyfunc.load_model(uri)
+            out = served.predict({"input": x})["output"]
+            accuracy = float(np.mean(np.argmax(out, axis=1) == eval_data["labels"][:16]))
+            assert accuracy >= 0.8, backend
+            in_process[backend] = out
+            # Exact pins, so the version loads the same in a fresh environment.
+            reqs = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text().split()
+            assert reqs and all("==" in r for r in reqs), reqs
+            assert any(r.startswith("openvino==" if backend == "openvino" else "onnxruntime==") for r in reqs)
+
+        # `mlflow models serve` answers REST predictions that match the in-process ones, for both formats.
+        with (
+            _served(registered["onnxruntime"], mlflow_server, tmp_path / "ort") as ort_url,
+            _served(registered["openvino"], mlflow_server, tmp_path / "ov") as ov_url,
+        ):
+            for backend, url in (("onnxruntime", ort_url), ("openvino", ov_url)):
+                rest = _invoke(url, {"inputs": {"input": x.tolist()}})
+                np.testing.assert_allclose(np.asarray(rest["predictions"]["output"]), in_process[backend], atol=1e-4)
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
