@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint typecheck bench clean local-prefect-stop
+.PHONY: install demo test test-fast lint typecheck bench clean local-prefect-stop browser
 
 install: $(STAMP)
 
@@ -27,7 +27,16 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: lint typecheck
+# The browser test drives Debian's `chromium` package (a browser is never downloaded by Playwright). Installed here
+# when missing and possible (root + apt-get); otherwise that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { timeout 600 apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { timeout 300 apt-get update -qq >/dev/null 2>&1 && \
+	      timeout 600 apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
+	  echo "make: chromium is not installed and could not be installed; the browser test will be skipped"
+
+test: lint typecheck browser
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: install

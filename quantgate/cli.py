@@ -213,6 +213,89 @@ def compress(
     raise typer.Exit(EXIT_OK if doc["promoted_uri"] else EXIT_GATE_FAILED)
 
 
+@app.command()
+def report(
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME/VERSION or @ALIAS: a source or a compressed version")],
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    ] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="also write the self-contained HTML report here")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result document as JSON")] = False,
+) -> None:
+    """Print the latest gate table for a model version (its own compression, or the one that produced it)."""
+    from quantgate import registry, review
+    from quantgate import report as reports
+
+    _quiet_libraries()
+    try:
+        ref = registry.parse_model_uri(model_uri)
+        client = registry.connect(tracking_uri or registry.default_tracking_uri())
+        version = registry.resolve(client, ref)
+        run_id = review.result_run_id(client, version)
+        doc = review.load_result(client, run_id)
+        gate = _logged_gate(client, run_id)
+        if html is not None:
+            html.write_text(reports.html_report(doc, gate))
+    except InputError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    except OSError as exc:
+        raise _fail(f"cannot write {html}: {exc.strerror}", EXIT_BAD_INPUT) from None
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        return
+    print_summary(doc)
+    out.print(f"run {run_id} in experiment '{doc.get('experiment', '?')}', policy {doc.get('policy_hash', '?')}")
+    if html is not None:
+        out.print(f"HTML report written to {escape(str(html))}")
+
+
+def _logged_gate(client: Any, run_id: str) -> dict[str, Any] | None:
+    """The gate thresholds of the policy that run used (for threshold lines in the plots), if logged."""
+    from quantgate import review
+
+    with contextlib.suppress(InputError):
+        policy = review.load_artifact_json(client, run_id, "policy.json")
+        gate = policy.get("gate")
+        return gate if isinstance(gate, dict) else None
+    return None
+
+
+@app.command()
+def history(
+    name: Annotated[str, typer.Argument(help="a registered model name")],
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the attempts as a JSON list")] = False,
+) -> None:
+    """List every compression attempt for a registered model, newest first, with outcome and policy hash."""
+    from quantgate import registry, review
+
+    _quiet_libraries()
+    try:
+        client = registry.connect(tracking_uri or registry.default_tracking_uri())
+        attempts = review.history(client, name)
+    except InputError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    if as_json:
+        sys.stdout.write(json.dumps([a.as_dict() for a in attempts], indent=2) + "\n")
+        return
+    if not attempts:
+        out.print(f"no compression attempts recorded for '{escape(name)}'")
+        return
+    table = Table(title=f"quantgate history: {escape(name)}", title_justify="left")
+    for col in ("started (UTC)", "version", "outcome", "passed", "promoted", "policy", "run"):
+        table.add_column(col)
+    for a in attempts:
+        outcome = a.outcome or a.status.lower()
+        style = "green" if outcome == "promoted" else ("red" if a.status == "FAILED" else "yellow")
+        table.add_row(
+            a.started.strftime("%Y-%m-%d %H:%M:%S"), a.version, f"[{style}]{escape(outcome)}[/]",
+            f"{a.passed}/{a.candidates}", escape(a.promoted_uri or "-"), a.policy_hash, a.run_id,
+        )  # fmt: skip
+    out.print(table)
+
+
 def _preload_backends(names: tuple[str, ...]) -> None:
     """Import the backends' libraries while the Prefect server may still be starting."""
     from quantgate.plugins.base import backend_names, load_backend

@@ -106,16 +106,23 @@ def _not_found(exc: Exception) -> bool:
     )
 
 
+def resolve_model(client: Any, name: str) -> Any:
+    """The registered model ``name``; ``ModelNotFound`` if there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if _not_found(exc):
+            raise ModelNotFound(f"registered model '{name}' does not exist") from None
+        raise
+
+
 def resolve(client: Any, ref: ModelRef) -> SourceVersion:
     """Pin ``ref`` to one version; ``ModelNotFound`` names what is missing."""
     from mlflow.exceptions import MlflowException
 
-    try:
-        client.get_registered_model(ref.name)
-    except MlflowException as exc:
-        if _not_found(exc):
-            raise ModelNotFound(f"registered model '{ref.name}' does not exist") from None
-        raise
+    resolve_model(client, ref.name)
     try:
         if ref.version is not None:
             mv = client.get_model_version(ref.name, ref.version)

@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -372,6 +373,14 @@ def source_description_line(doc: Doc) -> str:
         links = [_md_link(f"{n} v{v}", n, v) for n, v in (_split_uri(str(c["registered_uri"])) for c in others)]
         line += "; also registered: " + ", ".join(links)
     return line + "."
+
+
+def artifact_key(doc: Doc) -> str:
+    """A Prefect artifact key for this source version: Prefect allows lowercase letters, digits and dashes only."""
+    src = doc.get("source") or {}
+    raw = f"quantgate-{src.get('name', 'model')}-v{src.get('version', '0')}".lower()
+    key = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "-", raw)).strip("-")
+    return key[:100]
 
 
 # --- plots ---------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from quantgate import registry, serving
+from quantgate import registry, report, serving
 from quantgate.errors import RegistrationError
 from quantgate.model import ModelInfo
 from quantgate.policy import Policy
@@ -132,11 +132,19 @@ def record(client: Any, result: CompressionResult, policy: Policy, model: ModelI
             if logged is not None:
                 to_register.append((cand, logged))
         _register(client, result, policy, to_register)
-        _tag_source(client, result, parent_id)
+        doc = result.to_document()
+        _tag_source(client, result, parent_id, doc)
         client.log_metric(parent_id, "candidates", len(result.candidates))
         client.log_metric(parent_id, "passed", sum(c.passed for c in result.candidates))
-        _log_json(client, parent_id, "result.json", result.to_document())
+        client.set_tag(parent_id, TAG + "outcome", "promoted" if result.promoted else "none_passed")
+        client.set_tag(parent_id, TAG + "promoted_uri", result.promoted_uri or "")
+        _log_json(client, parent_id, "result.json", doc)
         _log_json(client, parent_id, "policy.json", policy.model_dump(mode="json"))
+        try:
+            publish_report(client, parent_id, doc, policy.gate.model_dump())
+        except Exception as exc:  # review material only: the registered versions and result.json stand without it
+            log.warning("the review report could not be logged to run %s: %s", parent_id, exc)
+            client.set_tag(parent_id, TAG + "report_error", str(exc)[:500])
     except BaseException:
         client.set_terminated(parent_id, "FAILED")
         raise
@@ -164,6 +172,7 @@ def _register(
                 model_uri,
                 run_id=cand.run_id,
                 tags=_lineage_tags(result, cand),
+                description=report.summary_markdown(result.to_document(), cand.to_dict()),
                 model_id=model_uri.removeprefix("models:/"),
             )
             created.append((name, str(mv.version)))
@@ -205,7 +214,44 @@ def _rollback(client: Any, created: list[tuple[str, str]], created_models: list[
             log.error("could not roll back registered model %s: %s", name, exc)
 
 
-def _tag_source(client: Any, result: CompressionResult, parent_id: str) -> None:
+REPORT_FILES = (
+    "report.md",
+    "report.html",
+    "comparison_table.json",
+    "plots/latency.png",
+    "plots/tradeoff.png",
+    "plots/sizes.png",
+)
+
+
+def publish_report(client: Any, run_id: str, doc: dict[str, Any], gate: dict[str, Any]) -> None:
+    """The review material on the parent run: a comparison table the UI renders, Markdown/HTML reports, plots."""
+    import pandas as pd
+
+    client.log_table(run_id, pd.DataFrame(report.comparison_rows(doc)), "comparison_table.json")
+    client.log_text(run_id, report.markdown_report(doc), "report.md")
+    client.log_text(run_id, report.html_report(doc, gate), "report.html")
+    with tempfile.TemporaryDirectory() as tmp:
+        plots = Path(tmp) / "plots"
+        plots.mkdir()
+        (plots / "latency.png").write_bytes(report.plot_latency(doc))
+        (plots / "tradeoff.png").write_bytes(report.plot_tradeoff(doc, gate))
+        (plots / "sizes.png").write_bytes(report.plot_sizes(doc, gate))
+        client.log_artifacts(run_id, str(plots), "plots")
+
+
+SOURCE_LINE_PREFIX = "quantgate: "
+
+
+def _source_description(current: str | None, line: str) -> str:
+    """The source version's description with quantgate's line replaced (never stacked run after run)."""
+    kept = [x for x in (current or "").splitlines() if not x.startswith(SOURCE_LINE_PREFIX)]
+    while kept and not kept[-1].strip():
+        kept.pop()
+    return "\n\n".join(part for part in ("\n".join(kept), line) if part)
+
+
+def _tag_source(client: Any, result: CompressionResult, parent_id: str, doc: dict[str, Any]) -> None:
     winner = result.promoted
     if winner is not None:
         summary = (
@@ -223,3 +269,6 @@ def _tag_source(client: Any, result: CompressionResult, parent_id: str) -> None:
     }
     for key, value in tags.items():
         client.set_model_version_tag(result.source.name, result.source.version, key, value)
+    current = client.get_model_version(result.source.name, result.source.version).description
+    line = report.source_description_line(doc)
+    client.update_model_version(result.source.name, result.source.version, _source_description(current, line))

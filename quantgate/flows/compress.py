@@ -10,7 +10,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from quantgate import pipeline, registry, tracking
+from quantgate import pipeline, registry, report, tracking
 from quantgate.errors import BackendError
 from quantgate.hardware import Hardware, detect
 from quantgate.model import ModelInfo
@@ -109,6 +109,22 @@ def register_task(
     )
 
 
+@task(name="publish", cache_policy=NO_CACHE, persist_result=False)
+def publish_task(doc: dict[str, Any]) -> None:
+    """The gate table and the summary as Prefect artifacts, next to the flow run in the Prefect UI."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    key = report.artifact_key(doc)
+    source = doc["source"]
+    where = f"{source['name']} v{source['version']}"
+    create_table_artifact(
+        table=report.comparison_rows(doc), key=key + "-table", description=f"quantgate gate table for {where}"
+    )
+    create_markdown_artifact(
+        markdown=report.markdown_report(doc), key=key + "-report", description=f"quantgate report for {where}"
+    )
+
+
 class _Clock:
     """Wall time per step, reported in the result so pipeline overhead can be told from the work."""
 
@@ -185,6 +201,7 @@ def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: 
     )
     register_task(tracking_uri, result, policy, taken.model, data)
     clock.lap("register")
+    publish_task(result.to_document())
     result.timings = {
         "flow_started_at": clock.started_at,
         "flow_s": clock.total(),

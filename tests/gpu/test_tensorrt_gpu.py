@@ -145,3 +145,26 @@ def test_transformer_int8_fp16_fallback_engine_builds_and_matches_fp32(
     fidelity = float(np.mean(cosine_per_row(base, out)))
     record(kind="fidelity", model="tiny-bert", recipe=recipe.name, fidelity=fidelity)
     assert fidelity > 0.99
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_compress_registers_a_tensorrt_version_that_serves_from_mlflow(
+    tracking_uri: str, digits_onnx: Path, calib_npz: Path, eval_npz: Path, eval_data: dict[str, np.ndarray]
+) -> None:
+    """The whole flow on a GPU worker: engines built and timed, a passing one registered, loaded through pyfunc."""
+    import mlflow.pyfunc
+
+    from quantgate.flows.compress import compress_model
+    from tests.conftest import register_onnx, test_policy
+
+    uri = register_onnx(tracking_uri, digits_onnx, "digits-gpu")
+    policy = test_policy(
+        calib_npz, eval_npz, backends=["tensorrt"], recipes=["fp16", "int8-qdq"], gate={"min_speedup": 1.0}
+    )
+    doc = compress_model(uri, policy, tracking_uri)
+    registered = [c for c in doc["candidates"] if c["registered_uri"]]
+    assert registered, [c["reasons"] for c in doc["candidates"]]
+    served = mlflow.pyfunc.load_model(registered[0]["registered_uri"])
+    out = served.predict({"input": eval_data["input"][:32]})
+    top1 = np.argmax(next(iter(out.values())), axis=1)
+    assert np.mean(top1 == eval_data["labels"][:32]) >= 0.9
