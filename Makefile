@@ -44,6 +44,7 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_digits.py
+	$(BIN)/python benchmarks/bench_runtimes.py
 
 local-prefect-stop: install
 	$(BIN)/quantgate local-prefect stop
