@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint typecheck bench clean local-prefect-stop browser
+.PHONY: install demo test test-fast lint typecheck bench clean local-prefect-stop browser stack stack-down
 
 install: $(STAMP)
 
@@ -51,3 +51,11 @@ local-prefect-stop: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-data mlflow.db mlruns
+
+# The automation topology as local processes on 127.0.0.1 (deploy/README.md): MLflow on PostgreSQL :5000,
+# Prefect on PostgreSQL :4200, the webhook bridge :8088, one process worker. Ports: QUANTGATE_STACK_*_PORT.
+stack: install
+	$(BIN)/quantgate stack up
+
+stack-down: install
+	$(BIN)/quantgate stack down

@@ -32,6 +32,15 @@ app = typer.Typer(
 )
 local_prefect = typer.Typer(no_args_is_help=True, help="The local Prefect server quantgate starts for itself.")
 app.add_typer(local_prefect, name="local-prefect")
+webhooks_app = typer.Typer(no_args_is_help=True, help="MLflow registry webhooks that start compressions.")
+app.add_typer(webhooks_app, name="webhooks")
+stack_app = typer.Typer(no_args_is_help=True, help="The whole automation as local processes (make stack).")
+app.add_typer(stack_app, name="stack")
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="automation config YAML (default: every model with data tags)")
+]
+TrackingOption = Annotated[str | None, typer.Option(help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")]
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 # Piped output (CI logs) gets a wide table instead of rich's 80-column default.
@@ -370,6 +379,121 @@ def backends() -> None:
             why += "; its host-independent step (and a quality check on ONNX Runtime) still runs here"
         table.add_row(name, "[red]no[/]", why)
     out.print(table)
+
+
+def _automation(config: Path | None, tracking_uri: str | None) -> tuple[Any, str]:
+    from quantgate import registry
+    from quantgate.automation.config import load_config
+
+    cfg = load_config(config)
+    return cfg, tracking_uri or cfg.tracking_uri or registry.default_tracking_uri()
+
+
+@app.command("serve-webhooks")
+def serve_webhooks(
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8088,
+    config: ConfigOption = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Run the webhook bridge: verified MLflow registry events in, compress-model flow runs out.
+
+    Env: QUANTGATE_WEBHOOK_SECRET (required), QUANTGATE_WEBHOOK_DB, PREFECT_API_URL, MLFLOW_TRACKING_URI.
+    """
+    import uvicorn
+
+    from quantgate.automation.bridge import make_app
+
+    _quiet_libraries()
+    try:
+        cfg, uri = _automation(config, tracking_uri)
+        app_ = make_app(cfg, uri)
+    except InputError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    logging.getLogger("quantgate").setLevel(logging.INFO)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def deploy(config: ConfigOption = None, tracking_uri: TrackingOption = None) -> None:
+    """Create the work pool and the compress-model and nightly deployments on the Prefect server (PREFECT_API_URL)."""
+    from quantgate.automation.setup import deploy as apply_deployments
+
+    _quiet_libraries()
+    try:
+        cfg, uri = _automation(config, tracking_uri)
+        apply_deployments(cfg, uri)
+    except InputError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    out.print(
+        f"work pool {cfg.pool.name} (concurrency {cfg.pool.concurrency_limit}); deployments"
+        f" compress-model/compress-model and nightly/nightly ({escape(cfg.nightly.cron)} {cfg.nightly.timezone});"
+        f" tracking {escape(uri)}"
+    )
+
+
+@app.command()
+def nightly(config: ConfigOption = None, tracking_uri: TrackingOption = None) -> None:
+    """Run the nightly reconciliation now: a compress-model run for every selected version without a result."""
+    from quantgate.automation.config import AutomationConfig
+    from quantgate.flows.nightly import nightly as nightly_flow
+
+    _quiet_libraries()
+    try:
+        cfg, uri = _automation(config, tracking_uri)
+        assert isinstance(cfg, AutomationConfig)
+        started = nightly_flow(cfg.inlined(), uri)
+    except InputError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    for item in started:
+        out.print(f"started {item['flow_run_id']}: {escape(item['detail'])}")
+    out.print(f"{len(started)} run(s) started")
+
+
+@webhooks_app.command("register")
+def webhooks_register(
+    url: Annotated[str, typer.Option(help="the bridge's endpoint, e.g. http://bridge:8088/webhooks/mlflow")],
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Register (or replace) the MLflow webhook that calls the bridge; the secret is QUANTGATE_WEBHOOK_SECRET."""
+    from quantgate import registry
+    from quantgate.automation.setup import register_webhook
+
+    _quiet_libraries()
+    secret = os.environ.get("QUANTGATE_WEBHOOK_SECRET", "")
+    if not secret:
+        raise _fail("QUANTGATE_WEBHOOK_SECRET is not set", EXIT_BAD_INPUT)
+    try:
+        client = registry.connect(tracking_uri or registry.default_tracking_uri())
+        hook_id = register_webhook(client, url, secret)
+    except InputError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    out.print(f"webhook {hook_id} -> {escape(url)}")
+
+
+@stack_app.command("up")
+def stack_up(config: ConfigOption = None) -> None:
+    """Start MLflow (PostgreSQL), Prefect (PostgreSQL), the bridge and a worker on 127.0.0.1; return once all answer."""
+    from quantgate.automation import stack
+
+    _quiet_libraries()
+    settings = stack.StackSettings.from_env(config=config)
+    try:
+        state = stack.up(settings)
+    except QuantgateError as exc:
+        raise _fail(str(exc), EXIT_INTERNAL) from None
+    for name, url in state.urls.items():
+        out.print(f"{name:8} {url}")
+    out.print(f"logs and state in {settings.home}; stop with `make stack-down`")
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop exactly the processes `stack up` started."""
+    from quantgate.automation import stack
+
+    stopped = stack.down(stack.StackSettings.from_env())
+    out.print(f"stopped: {', '.join(stopped)}" if stopped else "no stack was running")
 
 
 @local_prefect.command("start")

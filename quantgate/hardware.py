@@ -80,6 +80,12 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def backend_versions() -> dict[str, str]:
+    """Versions that change what a compression produces: a new one means results must be made again."""
+    libs = library_versions()
+    return {k: v for k, v in libs.items() if k in ("quantgate", "onnx", "onnxruntime", "openvino", "nncf")}
+
+
 def detect() -> Hardware:
     model, flags = _cpuinfo()
     return Hardware(

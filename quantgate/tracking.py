@@ -13,6 +13,7 @@ from typing import Any
 
 from quantgate import registry, report, serving
 from quantgate.errors import RegistrationError
+from quantgate.hardware import backend_versions
 from quantgate.model import ModelInfo
 from quantgate.policy import Policy
 from quantgate.registry import TAG
@@ -266,9 +267,17 @@ def _tag_source(client: Any, result: CompressionResult, parent_id: str, doc: dic
         TAG + "compressed_uri": winner.registered_uri if winner and winner.registered_uri else "",
         TAG + "last_run_id": parent_id,
         TAG + "policy_hash": result.policy_hash,
+        TAG + "backend_versions": json.dumps(backend_versions(), sort_keys=True),
     }
     for key, value in tags.items():
         client.set_model_version_tag(result.source.name, result.source.version, key, value)
     current = client.get_model_version(result.source.name, result.source.version).description
     line = report.source_description_line(doc)
     client.update_model_version(result.source.name, result.source.version, _source_description(current, line))
+
+
+def tag_failure(client: Any, source: registry.SourceVersion, reason: str) -> None:
+    """A run that could not start compressing says why on the source version (never a silent skip)."""
+    tags = {TAG + "outcome": "failed", TAG + "summary": reason[:5000]}
+    for key, value in tags.items():
+        client.set_model_version_tag(source.name, source.version, key, value)

@@ -11,7 +11,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from quantgate import pipeline, registry, report, tracking
-from quantgate.errors import BackendError
+from quantgate.errors import BackendError, DataError, TrackingUnavailable
 from quantgate.hardware import Hardware, detect
 from quantgate.model import ModelInfo
 from quantgate.pipeline import Baseline, DataSets, Intake, PlannedRecipe
@@ -24,13 +24,31 @@ from quantgate.validators.latency import REFERENCE_BACKEND
 # every task has no result persistence and no input hashing (cache_policy=NO_CACHE).
 
 
-@task(name="resolve", cache_policy=NO_CACHE, persist_result=False)
+def _tracking_unreachable(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a step only while the tracking server is unreachable (e.g. restarting); bad input fails at once."""
+    try:
+        state.result()
+    except TrackingUnavailable:
+        return True
+    except Exception as exc:  # MLflow wraps connection failures in MlflowException after its own retries
+        text = str(exc)
+        return any(
+            s in text for s in ("Max retries exceeded", "Connection refused", "Connection aborted", "502", "503")
+        )
+    return False
+
+
+# Steps that talk to MLflow survive a tracking-server restart of up to about a minute.
+_MLFLOW_RETRY: dict[str, Any] = {"retries": 4, "retry_delay_seconds": 15, "retry_condition_fn": _tracking_unreachable}
+
+
+@task(name="resolve", cache_policy=NO_CACHE, persist_result=False, **_MLFLOW_RETRY)
 def resolve_task(model_uri: str, tracking_uri: str) -> registry.SourceVersion:
     client = registry.connect(tracking_uri)
     return registry.resolve(client, registry.parse_model_uri(model_uri))
 
 
-@task(name="intake", cache_policy=NO_CACHE, persist_result=False)
+@task(name="intake", cache_policy=NO_CACHE, persist_result=False, **_MLFLOW_RETRY)
 def intake_task(source: registry.SourceVersion, workdir: Path) -> Intake:
     return pipeline.intake(source, workdir)
 
@@ -95,7 +113,7 @@ def gate_task(results: list[CandidateResult]) -> CandidateResult | None:
     return pipeline.promote(results)
 
 
-@task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, persist_result=False)
+@task(name="register", cache_policy=NO_CACHE, persist_result=False, **_MLFLOW_RETRY)
 def register_task(
     tracking_uri: str, result: CompressionResult, policy: Policy, model: ModelInfo, data: DataSets
 ) -> None:
@@ -150,7 +168,11 @@ def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: 
     clock.lap("resolve")
     taken = intake_task(source, workdir)
     clock.lap("intake")
-    data = data_task(policy, source, taken.model, workdir)
+    try:
+        data = data_task(policy, source, taken.model, workdir)
+    except DataError as exc:  # automatic runs have nobody watching: the reason goes on the source version
+        tracking.tag_failure(registry.connect(tracking_uri), source, str(exc))
+        raise
     hardware = detect()
     planned = pipeline.plan(policy, taken.model)
     validators = load_validators()  # entry points are read once per run, not once per candidate

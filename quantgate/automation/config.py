@@ -1,0 +1,117 @@
+"""Which registered models are compressed automatically, with which policy, and where the runs go.
+
+The automation config is a small YAML file (``deploy/automation.example.yaml``); with none, the default selection
+is every model version carrying the data tags, except quantgate's own outputs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from quantgate.errors import PolicyError
+from quantgate.policy import Policy, load_policy, parse_policy
+
+DATA_TAGS = ("quantgate.calibration", "quantgate.evaluation")
+MANAGED_TAG = "quantgate.managed"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NightlyConfig(_Strict):
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+
+class PoolConfig(_Strict):
+    name: str = Field(default="cpu-x86", pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+    concurrency_limit: int | None = Field(default=2, ge=1, description="compression runs at once in this pool")
+
+
+class Rule(_Strict):
+    name: str = Field(default="*", description="glob on the registered model name")
+    tags: dict[str, str] = Field(default_factory=dict, description="tags the version must carry, exact values")
+    aliases: tuple[str, ...] = Field(default=(), description="or: the version must carry one of these aliases")
+    require_data_tags: bool = True
+    policy: str | dict[str, Any] | None = None
+
+    def matches(self, name: str, tags: Mapping[str, str], aliases: tuple[str, ...]) -> bool:
+        if not fnmatch.fnmatchcase(name, self.name):
+            return False
+        if any(tags.get(k) != v for k, v in self.tags.items()):
+            return False
+        return not self.aliases or bool(set(self.aliases) & set(aliases))
+
+
+class AutomationConfig(_Strict):
+    tracking_uri: str | None = None
+    nightly: NightlyConfig = NightlyConfig()
+    pool: PoolConfig = PoolConfig()
+    rules: tuple[Rule, ...] = (Rule(),)
+    base_dir: Path = Field(default=Path("."), exclude=True)  # where relative policy paths are resolved
+
+    def inlined(self) -> dict[str, Any]:
+        """This config as plain data with every policy file read in: what a deployment parameter can carry."""
+        rules = [
+            rule.model_copy(update={"policy": self.policy_for(rule).model_dump(mode="json")}) for rule in self.rules
+        ]
+        data: dict[str, Any] = self.model_copy(update={"rules": tuple(rules)}).model_dump(mode="json")
+        return data
+
+    def policy_for(self, rule: Rule) -> Policy:
+        if rule.policy is None:
+            return Policy()
+        if isinstance(rule.policy, dict):
+            return parse_policy(rule.policy, "(inline policy in the automation config)")
+        path = Path(rule.policy)
+        return load_policy(path if path.is_absolute() else self.base_dir / path)
+
+
+def load_config(path: Path | None) -> AutomationConfig:
+    """Read and validate the automation config; ``None`` gives the defaults."""
+    if path is None:
+        return AutomationConfig()
+    if not path.is_file():
+        raise PolicyError(f"automation config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise PolicyError(f"invalid automation config {path.name}: not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise PolicyError(f"invalid automation config {path.name}: expected a mapping at the top level")
+    try:
+        return AutomationConfig.model_validate({**raw, "base_dir": path.parent.resolve()})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise PolicyError(f"invalid automation config {path.name}: {where}: {err['msg']}") from None
+
+
+def select(
+    config: AutomationConfig,
+    name: str,
+    tags: Mapping[str, str],
+    aliases: tuple[str, ...],
+    model_tags: Mapping[str, str],
+) -> tuple[Rule | None, str]:
+    """The first rule that selects this model version, or ``None`` and why not."""
+    if tags.get(MANAGED_TAG) == "true" or model_tags.get(MANAGED_TAG) == "true":
+        return None, "quantgate's own output"
+    for rule in config.rules:
+        if not rule.matches(name, tags, aliases):
+            continue
+        if rule.require_data_tags:
+            data = config.policy_for(rule).data
+            named = {"quantgate.calibration": data.calibration, "quantgate.evaluation": data.evaluation}
+            missing = [t for t in DATA_TAGS if not named[t] and not tags.get(t)]
+            if missing:
+                return None, f"waiting for data tags: {', '.join(missing)}"
+        return rule, f"selected by rule name={rule.name!r}"
+    return None, "no automation rule selects it"

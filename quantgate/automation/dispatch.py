@@ -1,0 +1,146 @@
+"""From "this model version changed" to a Prefect flow run: select, key, hand off. Shared by webhooks and nightly.
+
+Every hand-off carries an idempotency key derived from the model version, the policy, the data it names and the
+backend library versions: Prefect returns the existing flow run for a key it has seen, so two triggers for the
+same version (a replayed delivery, a concurrent duplicate, the nightly catch-up) start one run.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from quantgate.automation.config import DATA_TAGS, AutomationConfig, Rule, select
+from quantgate.hardware import backend_versions
+from quantgate.policy import Policy
+
+log = logging.getLogger("quantgate.automation")
+
+COMPRESS_DEPLOYMENT = "compress-model/compress-model"
+# Events whose tag keys can change a selection: the data tags, and any tag a rule selects on.
+HANDLED_EVENTS = ("model_version.created", "model_version_tag.set", "model_version_alias.created")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: str
+    tags: dict[str, str]
+    aliases: tuple[str, ...]
+    model_tags: dict[str, str]
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def version_info(client: Any, name: str, version: str) -> VersionInfo:
+    mv = client.get_model_version(name, version)
+    model = client.get_registered_model(name)
+    aliases = tuple(sorted(a for a, v in (model.aliases or {}).items() if str(v) == str(version)))
+    return VersionInfo(name, str(version), dict(mv.tags or {}), aliases, dict(model.tags or {}))
+
+
+def idempotency_key(info: VersionInfo, policy: Policy, libraries: Mapping[str, str]) -> str:
+    """Same version + policy + data + backend versions -> same key -> at most one flow run."""
+    payload = {
+        "name": info.name,
+        "version": info.version,
+        "policy": policy.digest(),
+        "data": {t: info.tags.get(t, "") for t in DATA_TAGS},
+        "libraries": dict(sorted(libraries.items())),
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    return f"quantgate-{info.name}-v{info.version}-{digest}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: str  # "started" or "ignored"
+    detail: str
+    flow_run_id: str | None = None
+    key: str | None = None
+
+
+def trigger(info: VersionInfo, rule: Rule, config: AutomationConfig, tracking_uri: str) -> tuple[str, str]:
+    """Create (or find, by idempotency key) the compress-model flow run for this version; returns (id, key)."""
+    from prefect.deployments import run_deployment
+
+    policy = config.policy_for(rule)
+    key = idempotency_key(info, policy, backend_versions())
+    flow_run: Any = run_deployment(
+        COMPRESS_DEPLOYMENT,
+        parameters={"model_uri": info.uri, "policy": policy.model_dump(mode="json"), "tracking_uri": tracking_uri},
+        idempotency_key=key,
+        timeout=0,  # hand off and return: the worker runs it
+        as_subflow=False,
+        tags=["quantgate", "automation"],
+    )
+    return str(flow_run.id), key
+
+
+def already_compressed(info: VersionInfo, policy: Policy) -> bool:
+    """This version has a result for this policy and these backend versions (recorded on the source version)."""
+    tags = info.tags
+    return (
+        tags.get("quantgate.outcome") in ("promoted", "none_passed")
+        and tags.get("quantgate.policy_hash") == policy.digest()
+        and tags.get("quantgate.backend_versions") == json.dumps(backend_versions(), sort_keys=True)
+    )
+
+
+def reconcile(client: Any, config: AutomationConfig, tracking_uri: str) -> list[Decision]:
+    """The nightly catch-up: every selected version without a result for the current policy gets a run.
+
+    Uses the webhook path's idempotency keys, so a version whose webhook did arrive is not run twice.
+    """
+    out: list[Decision] = []
+    for model in _all(client.search_registered_models):
+        model_tags = dict(model.tags or {})
+        search = functools.partial(client.search_model_versions, "name = '{}'".format(model.name.replace("'", "\\'")))
+        for mv in _all(search):
+            aliases = tuple(sorted(a for a, v in (model.aliases or {}).items() if str(v) == str(mv.version)))
+            info = VersionInfo(model.name, str(mv.version), dict(mv.tags or {}), aliases, model_tags)
+            rule, why = select(config, info.name, info.tags, info.aliases, model_tags)
+            if rule is None:
+                continue
+            if already_compressed(info, config.policy_for(rule)):
+                continue
+            run_id, key = trigger(info, rule, config, tracking_uri)
+            out.append(Decision("started", f"{info.uri}: {why}", run_id, key))
+    return out
+
+
+def _all(search: Any) -> list[Any]:
+    """Every page of an MLflow search."""
+    items: list[Any] = []
+    token = None
+    while True:
+        page = search(page_token=token) if token else search()
+        items.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return items
+
+
+def consider(client: Any, config: AutomationConfig, tracking_uri: str, name: str, version: str) -> Decision:
+    """Select this version and, if selected, hand it to Prefect."""
+    info = version_info(client, name, version)
+    model_tags = info.model_tags
+    rule, why = select(config, info.name, info.tags, info.aliases, model_tags)
+    if rule is None:
+        log.info("%s: not compressed (%s)", info.uri, why)
+        return Decision("ignored", f"{info.uri}: {why}")
+    run_id, key = trigger(info, rule, config, tracking_uri)
+    log.info("%s: flow run %s (%s)", info.uri, run_id, why)
+    return Decision("started", f"{info.uri}: {why}", run_id, key)
+
+
+def relevant_tag(config: AutomationConfig, key: str) -> bool:
+    """A tag change that can change a selection: data tags and any tag a rule selects on."""
+    return key in DATA_TAGS or any(key in rule.tags for rule in config.rules)

@@ -1,0 +1,98 @@
+"""Stand the automation up on existing servers: the Prefect work pool and deployments, the MLflow webhook."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from quantgate.automation.config import AutomationConfig
+
+log = logging.getLogger("quantgate.automation")
+
+WEBHOOK_NAME = "quantgate"
+WEBHOOK_EVENTS = ("model_version.created", "model_version_tag.set", "model_version_alias.created")
+
+
+def ensure_pool(name: str, concurrency_limit: int | None) -> None:
+    """A process work pool with this concurrency limit (created, or updated in place)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+        except ObjectNotFound:
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=name,
+                    type="process",
+                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                    concurrency_limit=concurrency_limit,
+                )
+            )
+            return
+        client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=concurrency_limit))
+
+
+def deploy(config: AutomationConfig, tracking_uri: str) -> list[str]:
+    """Create or update the ``compress-model`` and ``nightly`` deployments in the configured pool."""
+    from prefect.schedules import Cron
+    from prefect.types.entrypoint import EntrypointType
+
+    from quantgate.flows.compress import compress_model
+    from quantgate.flows.nightly import nightly
+
+    pool = config.pool.name
+    ensure_pool(pool, config.pool.concurrency_limit)
+    # Module-path entrypoints: workers import the installed quantgate package, no source checkout to pull.
+    compress: Any = compress_model.to_deployment(
+        name="compress-model",
+        work_pool_name=pool,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        parameters={"tracking_uri": tracking_uri},
+        description="Compress one registered model version (started by the webhook bridge and by nightly)",
+        tags=["quantgate"],
+    )
+    reconcile: Any = nightly.to_deployment(
+        name="nightly",
+        work_pool_name=pool,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        schedules=[Cron(config.nightly.cron, timezone=config.nightly.timezone)],
+        parameters={"config": config.inlined(), "tracking_uri": tracking_uri},
+        description="Reconcile the registry: a compress-model run for every selected version without a result",
+        tags=["quantgate"],
+    )
+    ids: list[str] = []
+    for deployment in (compress, reconcile):
+        applied: Any = deployment.apply(work_pool_name=pool)  # sync outside an event loop
+        ids.append(str(applied))
+    log.info("deployments compress-model/compress-model and nightly/nightly in work pool %s", pool)
+    return ids
+
+
+def register_webhook(client: Any, url: str, secret: str) -> str:
+    """Point MLflow's registry webhooks at the bridge; an earlier quantgate webhook is replaced, not duplicated."""
+    for hook in _all_webhooks(client):
+        if hook.name == WEBHOOK_NAME:
+            client.delete_webhook(hook.webhook_id)
+    hook = client.create_webhook(
+        name=WEBHOOK_NAME,
+        url=url,
+        events=list(WEBHOOK_EVENTS),
+        secret=secret,
+        description="quantgate: compress new model versions",
+    )
+    return str(hook.webhook_id)
+
+
+def _all_webhooks(client: Any) -> list[Any]:
+    hooks: list[Any] = []
+    token = None
+    while True:
+        page = client.list_webhooks(page_token=token) if token else client.list_webhooks()
+        hooks.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return hooks

@@ -1,0 +1,306 @@
+"""The whole automation topology as plain processes on 127.0.0.1 (what `make stack` runs, and the integration test).
+
+MLflow server on its own PostgreSQL database (artifacts proxied), Prefect server on another PostgreSQL database,
+the webhook bridge, one process worker for the configured CPU pool, the deployments, and the MLflow webhook
+pointing at the bridge. ``down`` stops exactly the processes ``up`` started (their ids are in the state file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from quantgate.errors import QuantgateError
+
+STATE = "state.json"
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    home: Path
+    postgres: str = "postgresql://postgres@127.0.0.1:5432"
+    db_prefix: str = "quantgate"
+    mlflow_port: int = 5000
+    prefect_port: int = 4200
+    bridge_port: int = 8088
+    config: Path | None = None
+
+    @classmethod
+    def from_env(cls, home: Path | None = None, config: Path | None = None) -> StackSettings:
+        env = os.environ
+        base = home or Path(env.get("QUANTGATE_HOME", Path.home() / ".quantgate")) / "stack"
+        return cls(
+            home=base,
+            postgres=env.get("QUANTGATE_STACK_POSTGRES", cls.postgres),
+            db_prefix=env.get("QUANTGATE_STACK_DB_PREFIX", cls.db_prefix),
+            mlflow_port=int(env.get("QUANTGATE_STACK_MLFLOW_PORT", cls.mlflow_port)),
+            prefect_port=int(env.get("QUANTGATE_STACK_PREFECT_PORT", cls.prefect_port)),
+            bridge_port=int(env.get("QUANTGATE_STACK_BRIDGE_PORT", cls.bridge_port)),
+            config=config
+            or (Path(env["QUANTGATE_AUTOMATION_CONFIG"]) if env.get("QUANTGATE_AUTOMATION_CONFIG") else None),
+        )
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def prefect_api(self) -> str:
+        return f"http://127.0.0.1:{self.prefect_port}/api"
+
+    @property
+    def bridge_url(self) -> str:
+        return f"http://127.0.0.1:{self.bridge_port}"
+
+    @property
+    def mlflow_store(self) -> str:
+        # Explicit driver: SQLAlchemy would otherwise look for psycopg 3, which is not installed.
+        return f"{self.postgres.replace('postgresql://', 'postgresql+psycopg2://', 1)}/{self.database('mlflow')}"
+
+    def database(self, role: str) -> str:
+        return f"{self.db_prefix}_{role}"
+
+
+@dataclass
+class StackState:
+    processes: dict[str, int] = field(default_factory=dict)  # name -> pid (= process group id)
+    urls: dict[str, str] = field(default_factory=dict)
+
+
+class StackError(QuantgateError):
+    """A stack process did not come up; its log is named."""
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def _secret(path: Path, make: str) -> str:
+    if not path.exists():
+        path.write_text(make)
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def ensure_databases(settings: StackSettings) -> None:
+    """One database per server: MLflow and Prefect both keep Alembic state in ``alembic_version``."""
+    import psycopg2
+
+    conn = psycopg2.connect(f"{settings.postgres}/postgres")
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for role in ("mlflow", "prefect"):
+                name = settings.database(role)
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                if cur.fetchone() is None:
+                    cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
+
+
+def drop_databases(settings: StackSettings) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(f"{settings.postgres}/postgres")
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for role in ("mlflow", "prefect"):
+                cur.execute(f'DROP DATABASE IF EXISTS "{settings.database(role)}" WITH (FORCE)')
+    finally:
+        conn.close()
+
+
+def _base_env(settings: StackSettings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        MLFLOW_TRACKING_URI=settings.mlflow_url,
+        MLFLOW_DISABLE_TELEMETRY="true",
+        PREFECT_API_URL=settings.prefect_api,
+        PREFECT_HOME=str(settings.home / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        QUANTGATE_HOME=str(settings.home / "quantgate-home"),
+    )
+    return env
+
+
+def _start(settings: StackSettings, state: StackState, name: str, argv: list[str], env: dict[str, str]) -> None:
+    log = settings.home / f"{name}.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    state.processes[name] = proc.pid
+    _save(settings, state)
+
+
+def _wait(settings: StackSettings, state: StackState, name: str, url: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    pid = state.processes[name]
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if not _alive(pid):
+            break
+        time.sleep(0.5)
+    tail = (settings.home / f"{name}.log").read_text(errors="replace")[-1500:]
+    raise StackError(f"{name} did not answer at {url}; its log ({settings.home / (name + '.log')}) ends:\n{tail}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _save(settings: StackSettings, state: StackState) -> None:
+    (settings.home / STATE).write_text(json.dumps(asdict(state), indent=2))
+
+
+def load_state(settings: StackSettings) -> StackState | None:
+    path = settings.home / STATE
+    if not path.exists():
+        return None
+    raw = json.loads(path.read_text())
+    return StackState(processes=dict(raw.get("processes", {})), urls=dict(raw.get("urls", {})))
+
+
+def start_mlflow(settings: StackSettings, state: StackState) -> None:
+    env = _base_env(settings)
+    env.update(
+        MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=_secret(settings.home / "fernet.key", _fernet_key()),
+        # The bridge listens on loopback over http: MLflow refuses both unless told otherwise.
+        MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true",
+        MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https",
+    )
+    argv = [
+        _bin("mlflow"), "server",
+        "--backend-store-uri", settings.mlflow_store,
+        "--artifacts-destination", str(settings.home / "mlartifacts"),
+        "--serve-artifacts", "--host", "127.0.0.1", "--port", str(settings.mlflow_port), "--workers", "1",
+    ]  # fmt: skip
+    _start(settings, state, "mlflow", argv, env)
+
+
+def _fernet_key() -> str:
+    from cryptography.fernet import Fernet
+
+    return Fernet.generate_key().decode()
+
+
+def up(settings: StackSettings) -> StackState:
+    """Start everything (or find it running) and return where it answers."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    running = load_state(settings)
+    if running is not None and running.processes and all(_alive(p) for p in running.processes.values()):
+        return running
+    if running is not None:
+        down(settings)
+    ensure_databases(settings)
+    state = StackState()
+    env = _base_env(settings)
+    try:
+        start_mlflow(settings, state)
+        prefect_env = dict(env)
+        prefect_env["PREFECT_API_DATABASE_CONNECTION_URL"] = (
+            settings.postgres.replace("postgresql://", "postgresql+asyncpg://", 1) + "/" + settings.database("prefect")
+        )
+        prefect_argv = [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(settings.prefect_port)]
+        _start(settings, state, "prefect", prefect_argv, prefect_env)
+        _wait(settings, state, "mlflow", settings.mlflow_url + "/health")
+        _wait(settings, state, "prefect", settings.prefect_api + "/health")
+
+        config_args = ["--config", str(settings.config)] if settings.config else []
+        deployed = subprocess.run(
+            [_bin("quantgate"), "deploy", *config_args], env=env, capture_output=True, text=True, timeout=300
+        )
+        if deployed.returncode != 0:
+            raise StackError(f"quantgate deploy failed: {deployed.stderr.strip() or deployed.stdout.strip()}")
+        pool = _pool_name(settings)
+        _start(
+            settings, state, "worker", [_bin("prefect"), "worker", "start", "--pool", pool, "--type", "process"], env
+        )
+
+        bridge_env = dict(env)
+        bridge_env["QUANTGATE_WEBHOOK_SECRET"] = _secret(settings.home / "webhook.secret", secrets.token_urlsafe(32))
+        bridge_env["QUANTGATE_WEBHOOK_DB"] = str(settings.home / "webhooks.db")
+        bridge_argv = [_bin("quantgate"), "serve-webhooks", "--host", "127.0.0.1", "--port", str(settings.bridge_port)]
+        _start(settings, state, "bridge", [*bridge_argv, *config_args], bridge_env)
+        _wait(settings, state, "bridge", settings.bridge_url + "/healthz")
+
+        from mlflow import MlflowClient
+
+        from quantgate.automation.setup import register_webhook
+
+        register_webhook(
+            MlflowClient(settings.mlflow_url),
+            settings.bridge_url + "/webhooks/mlflow",
+            bridge_env["QUANTGATE_WEBHOOK_SECRET"],
+        )
+    except BaseException:
+        stop(state)
+        (settings.home / STATE).unlink(missing_ok=True)
+        raise
+    state.urls = {
+        "mlflow": settings.mlflow_url,
+        "prefect": f"http://127.0.0.1:{settings.prefect_port}",
+        "bridge": settings.bridge_url + "/webhooks/mlflow",
+    }
+    _save(settings, state)
+    return state
+
+
+def _pool_name(settings: StackSettings) -> str:
+    from quantgate.automation.config import load_config
+
+    return load_config(settings.config).pool.name
+
+
+def stop(state: StackState) -> None:
+    """SIGTERM each process group, newest first; SIGKILL what is still there after 20 s."""
+    for pid in reversed(list(state.processes.values())):
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        deadline = time.monotonic() + 20
+        while _alive(pid) and time.monotonic() < deadline:
+            _reap(pid)
+            time.sleep(0.2)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    """Collect a child's exit status when we started it in this process (so it does not linger as a zombie)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def down(settings: StackSettings) -> list[str]:
+    state = load_state(settings)
+    if state is None:
+        return []
+    stop(state)
+    (settings.home / STATE).unlink(missing_ok=True)
+    return list(state.processes)
