@@ -235,26 +235,23 @@ def up(settings: StackSettings) -> StackState:
         if deployed.returncode != 0:
             raise StackError(f"quantgate deploy failed: {deployed.stderr.strip() or deployed.stdout.strip()}")
         pool = _pool_name(settings)
+        # One run at a time per worker: two runs on the same cores would disturb each other's latency figures.
         _start(
-            settings, state, "worker", [_bin("prefect"), "worker", "start", "--pool", pool, "--type", "process"], env
+            settings,
+            state,
+            "worker",
+            [_bin("prefect"), "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"],
+            env,
         )
 
-        bridge_env = dict(env)
-        bridge_env["QUANTGATE_WEBHOOK_SECRET"] = _secret(settings.home / "webhook.secret", secrets.token_urlsafe(32))
-        bridge_env["QUANTGATE_WEBHOOK_DB"] = str(settings.home / "webhooks.db")
-        bridge_argv = [_bin("quantgate"), "serve-webhooks", "--host", "127.0.0.1", "--port", str(settings.bridge_port)]
-        _start(settings, state, "bridge", [*bridge_argv, *config_args], bridge_env)
-        _wait(settings, state, "bridge", settings.bridge_url + "/healthz")
+        start_bridge(settings, state)
 
         from mlflow import MlflowClient
 
         from quantgate.automation.setup import register_webhook
 
-        register_webhook(
-            MlflowClient(settings.mlflow_url),
-            settings.bridge_url + "/webhooks/mlflow",
-            bridge_env["QUANTGATE_WEBHOOK_SECRET"],
-        )
+        hook_url = settings.bridge_url + "/webhooks/mlflow"
+        register_webhook(MlflowClient(settings.mlflow_url), hook_url, webhook_secret(settings))
     except BaseException:
         stop(state)
         (settings.home / STATE).unlink(missing_ok=True)
@@ -266,6 +263,45 @@ def up(settings: StackSettings) -> StackState:
     }
     _save(settings, state)
     return state
+
+
+def webhook_secret(settings: StackSettings) -> str:
+    return _secret(settings.home / "webhook.secret", secrets.token_urlsafe(32))
+
+
+def start_bridge(settings: StackSettings, state: StackState) -> None:
+    env = _base_env(settings)
+    env["QUANTGATE_WEBHOOK_SECRET"] = webhook_secret(settings)
+    env["QUANTGATE_WEBHOOK_DB"] = str(settings.home / "webhooks.db")
+    argv = [_bin("quantgate"), "serve-webhooks", "--host", "127.0.0.1", "--port", str(settings.bridge_port)]
+    config_args = ["--config", str(settings.config)] if settings.config else []
+    _start(settings, state, "bridge", [*argv, *config_args], env)
+    _wait(settings, state, "bridge", settings.bridge_url + "/healthz")
+
+
+def stop_process(settings: StackSettings, name: str) -> None:
+    """Stop one process of the running stack (it stays in the state file until started again)."""
+    state = load_state(settings)
+    if state is None or name not in state.processes:
+        raise StackError(f"no {name} is running under {settings.home}")
+    stop(StackState(processes={name: state.processes[name]}))
+
+
+def restart_bridge(settings: StackSettings) -> None:
+    state = load_state(settings)
+    if state is None:
+        raise StackError(f"no stack is running under {settings.home}")
+    start_bridge(settings, state)
+
+
+def restart_mlflow(settings: StackSettings) -> None:
+    """Stop and start the MLflow server (same database, artifacts and key); runs in flight must ride it out."""
+    state = load_state(settings)
+    if state is None or "mlflow" not in state.processes:
+        raise StackError(f"no stack is running under {settings.home}")
+    stop(StackState(processes={"mlflow": state.processes["mlflow"]}))
+    start_mlflow(settings, state)
+    _wait(settings, state, "mlflow", settings.mlflow_url + "/health")
 
 
 def _pool_name(settings: StackSettings) -> str:
