@@ -330,6 +330,9 @@ def demo(
     ] = None,
     workdir: Annotated[Path, typer.Option(help="where the demo writes its data sets")] = Path("demo-data"),
     prefect: Annotated[str, typer.Option(help="local (reused local server) or ephemeral")] = "local",
+    register_only: Annotated[
+        bool, typer.Option("--register-only", help="only train and register (with data tags): automation compresses")
+    ] = False,
 ) -> None:
     """Train a small CNN on scikit-learn's digits, register it, compress it, show the gate table."""
     from quantgate import registry
@@ -340,7 +343,10 @@ def demo(
     try:
         registry.connect(uri)
         with err.status("[bold]quantgate[/] training the digits CNN", spinner="dots"):
-            model_uri = register_demo_model(uri, workdir)
+            model_uri = register_demo_model(uri, workdir.resolve())
+        if register_only:
+            out.print(f"registered {model_uri} with its data tags")
+            return
         err.print(f"registered {model_uri}; compressing it")
         _PrefectStart(prefect).wait()
         doc = _run_flow(model_uri, {}, uri, err.is_terminal)
