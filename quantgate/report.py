@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+import numpy as np
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -135,7 +137,10 @@ def comparison_rows(doc: Doc) -> list[Row]:
         row.update(dict.fromkeys(map(_check_column, checks), ""))
         row.update(dict.fromkeys(_NUMERIC))
         acc = _metric(cand, "accuracy_baseline")
-        vs_ort = ort_p50 / p50 if ort_p50 is not None and p50 else None
+        # Measured side by side with the candidates when present; else the ratio of two separately timed baselines.
+        vs_ort = _metric(cand, "baseline_speedup_vs_ort_fp32")
+        if vs_ort is None:
+            vs_ort = ort_p50 / p50 if ort_p50 is not None and p50 else None
         row.update(
             accuracy=acc,
             accuracy_drop=0.0 if acc is not None else None,
@@ -157,7 +162,16 @@ def comparison_rows(doc: Doc) -> list[Row]:
         reasons = _reasons(cand)
         row["reason"] = reasons[0] if reasons else ""
         rows.append(row)
-    return rows
+    return [_ordered(row, checks) for row in rows]
+
+
+# The UI shows the first columns without scrolling: what won and by how much first, then pass/fail per check.
+_LEADING = ("backend", "recipe", "verdict", "speedup", "speedup_vs_ort_fp32", "accuracy_drop", "fidelity", "size_ratio")
+
+
+def _ordered(row: Row, checks: Sequence[str]) -> Row:
+    order = [*_LEADING, *map(_check_column, checks), *(k for k in _NUMERIC if k not in _LEADING), "reason"]
+    return {key: row.get(key) for key in order}
 
 
 # --- plain-text pieces shared by Markdown and HTML -----------------------------------------------------------------
@@ -424,10 +438,45 @@ def _latency_rows(doc: Doc) -> Iterator[tuple[str, float, float | None, str, flo
                 yield _label(cand), p50, _metric(cand, "latency_p95_ms"), _colour(cand), base_p50
 
 
+def _rounds(cand: Mapping[str, Any], which: str) -> list[float] | None:
+    rounds = cand.get("latency_rounds_ms")
+    values = rounds.get(which) if isinstance(rounds, Mapping) else None
+    return [float(v) for v in values] if isinstance(values, list) and values else None
+
+
+def _distributions(doc: Doc) -> list[tuple[str, list[float], str]]:
+    """Per-round latencies: each backend's FP32 (from its first measured candidate), then its candidates."""
+    out: list[tuple[str, list[float], str]] = []
+    for backend in dict.fromkeys(str(c.get("backend")) for c in _candidates(doc)):
+        mine = [c for c in _candidates(doc) if str(c.get("backend")) == backend]
+        base = next((r for c in mine if (r := _rounds(c, "baseline"))), None)
+        if base:
+            out.append((f"{backend}/fp32", base, _BASE))
+        out.extend((_label(c), r, _colour(c)) for c in mine if (r := _rounds(c, "candidate")))
+    return out
+
+
 def plot_latency(doc: Doc) -> bytes:
-    """p50 (dot) to p95 (bar end) per candidate, FP32 baselines as dark rows; only summary stats are logged."""
+    """Latency per round as box plots (p50 line, p95 tick) when rounds were logged, else p50-p95 bars."""
+    dists = _distributions(doc)
     rows = list(_latency_rows(doc))
     batch = next((b for c in _candidates(doc) if (b := _metric(c, "gate_batch_size")) is not None), None)
+    title = "Latency: FP32 baselines and candidates" + (f" at batch {batch:g}" if batch else "")
+
+    def draw_distributions(ax: Axes) -> None:
+        data = [d[1] for d in dists]
+        boxes = ax.boxplot(data, vert=False, whis=(5, 95), showfliers=False, patch_artist=True, widths=0.6)
+        for patch, (_, _, colour) in zip(boxes["boxes"], dists, strict=True):
+            patch.set_facecolor(colour)
+            patch.set_alpha(0.45)
+        for y, (_, values, colour) in enumerate(dists, start=1):
+            ax.plot([float(np.percentile(values, 95))], [y], marker="|", markersize=16, color=colour)
+        ax.set_yticks(range(1, len(dists) + 1), [d[0] for d in dists], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(left=0)
+        ax.set_xlabel("latency per round, ms (box: p25-p75, line: p50, whiskers: p5-p95, tick: p95)")
+        ax.set_title(title + f", {len(dists[0][1])} rounds each")
+        ax.grid(axis="x", alpha=0.3)
 
     def draw(ax: Axes) -> None:
         if not rows:
@@ -443,10 +492,12 @@ def plot_latency(doc: Doc) -> bytes:
         ax.invert_yaxis()
         ax.set_xlim(left=0)
         ax.set_xlabel("latency per batch, ms (dot: p50, bar end: p95, x: backend's FP32 p50)")
-        ax.set_title("Latency: FP32 baselines and candidates" + (f" at batch {batch:g}" if batch else ""))
+        ax.set_title(title)
         ax.grid(axis="x", alpha=0.3)
         return None
 
+    if dists:
+        return _render(draw_distributions, len(dists))
     return _render(draw, len(rows))
 
 

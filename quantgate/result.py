@@ -61,7 +61,13 @@ class CandidateResult:
             "registered_uri": self.registered_uri,
             "run_id": self.run_id,
             "hardware_fingerprint": self.hardware.fingerprint(),
+            "latency_rounds_ms": _rounds(self.details),
         }
+
+
+def _rounds(details: dict[str, object]) -> object:
+    latency = details.get("latency")
+    return latency.get("rounds_ms") if isinstance(latency, dict) else None
 
 
 @dataclass

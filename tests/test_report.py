@@ -247,3 +247,37 @@ def test_reads_the_document_the_real_result_objects_write() -> None:
     assert [r["verdict"] for r in report.comparison_rows(doc)] == ["baseline", "PROMOTED", "failed"]
     assert "Promoted onnxruntime/static-int8 as models:/m-onnxruntime-int8/1" in report.markdown_report(doc)
     assert "boom" in report.html_report(doc, gate.model_dump())
+
+
+def test_latency_plot_draws_the_logged_rounds_as_distributions(doc: dict[str, Any]) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with_rounds = json.loads(json.dumps(doc))
+    for cand in with_rounds["candidates"]:
+        if cand["metrics"]:
+            cand["latency_rounds_ms"] = {
+                "baseline": rng.normal(1.0, 0.05, 40).tolist(),
+                "candidate": rng.normal(0.4, 0.02, 40).tolist(),
+            }
+    assert report._distributions(doc) == []  # summary statistics only: the bar fallback is drawn
+    dists = report._distributions(with_rounds)
+    backends = {c["backend"] for c in with_rounds["candidates"] if c.get("latency_rounds_ms")}
+    assert {label for label, _, _ in dists if label.endswith("/fp32")} == {f"{b}/fp32" for b in backends}
+    assert len(dists) == len(backends) + sum(bool(c.get("latency_rounds_ms")) for c in with_rounds["candidates"])
+    png = report.plot_latency(with_rounds)
+    assert png.startswith(b"\x89PNG") and png != report.plot_latency(doc)
+
+
+def test_host_notes_say_when_the_cpu_has_no_int8_dot_product() -> None:
+    from quantgate.hardware import Hardware
+    from quantgate.registry import SourceVersion
+    from quantgate.result import CompressionResult
+
+    def result(flags: tuple[str, ...]) -> CompressionResult:
+        hw = Hardware(cpu_model="x", arch="x86_64", logical_cores=2, isa_flags=flags, libraries={})
+        return CompressionResult(SourceVersion("m", "1", None, "", {}), "onnx", "h", hw, [], "quantgate")
+
+    assert result(("avx2", "avx512_vnni")).host_notes == []
+    notes = result(("avx2",)).to_document()["host_notes"]
+    assert isinstance(notes, list) and len(notes) == 1 and "no VNNI/AMX" in notes[0]

@@ -77,6 +77,7 @@ class LatencyValidator:
     def measure(self, ctx: ValidationContext) -> Measurement:
         cfg = ctx.latency
         metrics: dict[str, float] = {"threads": float(cfg.threads), "rounds": float(cfg.rounds)}
+        rounds_ms: dict[str, list[float]] = {}
         reference = ctx.reference_runner
         on_reference = ctx.baseline.recipe.backend == REFERENCE_BACKEND
         for i, size in enumerate(cfg.batch_sizes):
@@ -107,4 +108,11 @@ class LatencyValidator:
             if i == 0:  # the first batch size is the one the gate reads
                 metrics.update(per_batch)
                 metrics["gate_batch_size"] = float(size)
-        return Measurement(self.name, metrics, {"threads": cfg.threads, "batch_sizes": list(cfg.batch_sizes)})
+                # Every round, so a report can draw the distributions and not only p50/p95.
+                rounds_ms = {"baseline": _rounded(base), "candidate": _rounded(cand)}
+        details = {"threads": cfg.threads, "batch_sizes": list(cfg.batch_sizes), "rounds_ms": rounds_ms}
+        return Measurement(self.name, metrics, details)
+
+
+def _rounded(values: np.ndarray) -> list[float]:
+    return [round(float(v), 4) for v in values]
