@@ -75,7 +75,12 @@ def trigger(info: VersionInfo, rule: Rule, config: AutomationConfig, tracking_ur
     key = idempotency_key(info, policy, backend_versions())
     flow_run: Any = run_deployment(
         COMPRESS_DEPLOYMENT,
-        parameters={"model_uri": info.uri, "policy": policy.model_dump(mode="json"), "tracking_uri": tracking_uri},
+        parameters={
+            "model_uri": info.uri,
+            "policy": policy.model_dump(mode="json"),
+            "tracking_uri": tracking_uri,
+            "tag_failures": True,  # nobody watches an automatic run: a failure to start is written on the version
+        },
         idempotency_key=key,
         timeout=0,  # hand off and return: the worker runs it
         as_subflow=False,

@@ -51,7 +51,7 @@ def deploy(config: AutomationConfig, tracking_uri: str) -> list[str]:
         name="compress-model",
         work_pool_name=pool,
         entrypoint_type=EntrypointType.MODULE_PATH,
-        parameters={"tracking_uri": tracking_uri},
+        parameters={"tracking_uri": tracking_uri, "tag_failures": True},
         description="Compress one registered model version (started by the webhook bridge and by nightly)",
         tags=["quantgate"],
     )

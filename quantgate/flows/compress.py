@@ -136,10 +136,14 @@ def publish_task(doc: dict[str, Any]) -> None:
     source = doc["source"]
     where = f"{source['name']} v{source['version']}"
     create_table_artifact(
-        table=report.comparison_rows(doc), key=key + "-table", description=f"quantgate gate table for {where}"
+        table=report.comparison_rows(doc),
+        key=key + "-table",
+        description=f"quantgate gate table for {where} (MLflow run {doc['parent_run_id']})",
     )
     create_markdown_artifact(
-        markdown=report.markdown_report(doc), key=key + "-report", description=f"quantgate report for {where}"
+        markdown=report.markdown_report(doc),
+        key=key + "-report",
+        description=f"quantgate report for {where} (MLflow run {doc['parent_run_id']})",
     )
 
 
@@ -161,8 +165,14 @@ class _Clock:
         return time.perf_counter() - self._start
 
 
-def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: Path) -> CompressionResult:
-    """The body of the flow, callable inside any flow run."""
+def run_compression(
+    model_uri: str, policy: Policy, tracking_uri: str, workdir: Path, *, tag_failures: bool = False
+) -> CompressionResult:
+    """The body of the flow, callable inside any flow run.
+
+    ``tag_failures``: automatic runs (webhook, nightly) have nobody watching, so a run that cannot start for lack
+    of usable data says why on the source version; an interactive run reports it and leaves the version as it was.
+    """
     clock = _Clock()
     source = resolve_task(model_uri, tracking_uri)
     clock.lap("resolve")
@@ -170,8 +180,9 @@ def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: 
     clock.lap("intake")
     try:
         data = data_task(policy, source, taken.model, workdir)
-    except DataError as exc:  # automatic runs have nobody watching: the reason goes on the source version
-        tracking.tag_failure(registry.connect(tracking_uri), source, str(exc))
+    except DataError as exc:
+        if tag_failures:
+            tracking.tag_failure(registry.connect(tracking_uri), source, str(exc))
         raise
     hardware = detect()
     planned = pipeline.plan(policy, taken.model)
@@ -236,14 +247,18 @@ def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: 
 
 @flow(name="compress-model", persist_result=False, log_prints=False)
 def compress_model(
-    model_uri: str, policy: dict[str, Any] | None = None, tracking_uri: str | None = None
+    model_uri: str,
+    policy: dict[str, Any] | None = None,
+    tracking_uri: str | None = None,
+    tag_failures: bool = False,
 ) -> dict[str, Any]:
     """Compress one registered model version and register what passes the gate.
 
-    ``policy`` is the policy file's content as a mapping (so a deployment can carry it as a parameter).
+    ``policy`` is the policy file's content as a mapping (so a deployment can carry it as a parameter);
+    ``tag_failures`` writes why a run could not start on the source version (automatic runs set it).
     """
     parsed = parse_policy(policy or {})
     uri = tracking_uri or registry.default_tracking_uri()
     with tempfile.TemporaryDirectory(prefix="quantgate-") as tmp:
-        result = run_compression(model_uri, parsed, uri, Path(tmp))
+        result = run_compression(model_uri, parsed, uri, Path(tmp), tag_failures=tag_failures)
     return result.to_document()

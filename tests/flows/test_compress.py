@@ -234,3 +234,15 @@ def test_a_graph_openvino_cannot_convert_fails_only_the_openvino_candidates(
         "No conversion rule found for operations: com.microsoft.Inverse"
     ]
     assert "fidelity" in cands["onnxruntime"]["all_metrics"]  # the other backend went on
+
+
+def test_an_automatic_run_without_data_fails_fast_and_says_why_on_the_source_version(
+    tracking_uri: str, digits_uri: str, calib_npz: Path, eval_npz: Path
+) -> None:
+    policy = test_policy(calib_npz, eval_npz)
+    policy["data"] = {}
+    with pytest.raises(DataError, match="no calibration data"):
+        compress_model(digits_uri, policy, tracking_uri, tag_failures=True)
+    tags = MlflowClient(tracking_uri=tracking_uri).get_model_version("digits", "1").tags
+    assert tags["quantgate.outcome"] == "failed" and "no calibration data" in tags["quantgate.summary"]
+    assert [v[0] for v in model_versions(tracking_uri)] == ["digits"]
