@@ -229,28 +229,11 @@ def evaluate(
         runner = base.backend.runner(cand, threads=policy.latency.threads)
     except (BackendError, BackendUnavailable) as exc:  # one recipe's failure: the others go on
         log.info("%s/%s failed to build: %s", recipe.backend, recipe.name, exc)
-        verdict = gate.judge({}, policy.gate, has_labels=data.evaluation.has_labels, error=str(exc))
-        return CandidateRun(CandidateResult(recipe, {}, verdict, hardware), time.perf_counter() - t0)
+        failed = failed_result(recipe, str(exc), hardware, data.evaluation.has_labels, policy)
+        return CandidateRun(failed, time.perf_counter() - t0)
     t1 = time.perf_counter()
-    ctx = ValidationContext(
-        baseline=base.candidate,
-        candidate=cand,
-        baseline_runner=base.runner,
-        candidate_runner=runner,
-        evaluation=data.evaluation,
-        baseline_outputs=base.outputs,
-        latency=policy.latency,
-        hardware=hardware,
-        eval_limit=policy.data.evaluation_samples,
-        reference_runner=base.reference,
-    )
-    metrics: dict[str, float] = {}
-    details: dict[str, object] = {}
-    for validator in validators if validators is not None else load_validators():
-        if validator.applies(ctx):
-            measurement = validator.measure(ctx)
-            metrics.update(measurement.metrics)
-            details[measurement.validator] = measurement.details
+    ctx = _context(base, cand, runner, data, policy, hardware)
+    metrics, details = _measure(validators if validators is not None else load_validators(), ctx)
     verdict = gate.judge(metrics, policy.gate, has_labels=data.evaluation.has_labels)
     result = CandidateResult(
         recipe, metrics, verdict, hardware, artifact=cand.artifact, notes=list(cand.notes), details=details
@@ -263,6 +246,35 @@ def evaluate(
         metrics.get("speedup", 0.0),
     )
     return CandidateRun(result, t1 - t0, time.perf_counter() - t1)
+
+
+def _context(
+    base: Baseline, cand: Candidate, runner: Runner, data: DataSets, policy: Policy, hardware: Hardware
+) -> ValidationContext:
+    return ValidationContext(
+        baseline=base.candidate,
+        candidate=cand,
+        baseline_runner=base.runner,
+        candidate_runner=runner,
+        evaluation=data.evaluation,
+        baseline_outputs=base.outputs,
+        latency=policy.latency,
+        hardware=hardware,
+        eval_limit=policy.data.evaluation_samples,
+        reference_runner=base.reference,
+    )
+
+
+def _measure(validators: list[Validator], ctx: ValidationContext) -> tuple[dict[str, float], dict[str, object]]:
+    """Every applicable validator's metrics, merged, and its details by validator name."""
+    metrics: dict[str, float] = {}
+    details: dict[str, object] = {}
+    for validator in validators:
+        if validator.applies(ctx):
+            measurement = validator.measure(ctx)
+            metrics.update(measurement.metrics)
+            details[measurement.validator] = measurement.details
+    return metrics, details
 
 
 QUALITY_VALIDATORS = ("accuracy", "fidelity", "size")
@@ -302,25 +314,8 @@ def evaluate_prepared(
     except BackendError as exc:
         reason = f"the prepared ONNX does not run on ONNX Runtime: {exc}"
         return CandidateRun(failed_result(recipe, reason, hardware, has_labels, policy), t1 - t0)
-    prepared = Candidate(recipe, needs.artifact, needs.notes)
-    ctx = ValidationContext(
-        baseline=reference.candidate,
-        candidate=prepared,
-        baseline_runner=reference.runner,
-        candidate_runner=runner,
-        evaluation=data.evaluation,
-        baseline_outputs=reference.outputs,
-        latency=policy.latency,
-        hardware=hardware,
-        eval_limit=policy.data.evaluation_samples,
-    )
-    metrics: dict[str, float] = {}
-    details: dict[str, object] = {}
-    for validator in validators:
-        if validator.name in QUALITY_VALIDATORS and validator.applies(ctx):
-            measurement = validator.measure(ctx)
-            metrics.update(measurement.metrics)
-            details[measurement.validator] = measurement.details
+    ctx = _context(reference, Candidate(recipe, needs.artifact, needs.notes), runner, data, policy, hardware)
+    metrics, details = _measure([v for v in validators if v.name in QUALITY_VALIDATORS], ctx)
     quality_gate = policy.gate.model_copy(update={"min_speedup": None, "max_size_ratio": None})
     quality = gate.judge(metrics, quality_gate, has_labels=has_labels)
     checks = (*quality.checks, Check("target", False, str(needs)))

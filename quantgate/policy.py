@@ -101,14 +101,27 @@ class Policy(_Strict):
         return self.model_copy(update={"data": data})
 
 
-def _format_error(source: str, exc: ValidationError) -> str:
+def validation_message(kind: str, source: str, exc: ValidationError) -> str:
+    """One line naming the first invalid setting of a YAML file of ``kind`` (``policy``, ``automation config``)."""
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "(top level)"
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown setting"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"invalid policy {source}: {where}: {msg}{more}"
+    return f"invalid {kind} {source}: {where}: {msg}{more}"
+
+
+def read_yaml(path: Path, kind: str) -> object:
+    """The parsed file; a missing file or bad YAML is a ``PolicyError`` naming the line."""
+    if not path.is_file():
+        raise PolicyError(f"{kind} file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise PolicyError(f"invalid {kind} {path.name}: not valid YAML{where}") from None
 
 
 def parse_policy(data: object, source: str = "<policy>") -> Policy:
@@ -119,22 +132,14 @@ def parse_policy(data: object, source: str = "<policy>") -> Policy:
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
-        raise PolicyError(_format_error(source, exc)) from None
+        raise PolicyError(validation_message("policy", source, exc)) from None
 
 
 def load_policy(path: Path | None) -> Policy:
     """Read a YAML policy; ``None`` gives the documented defaults."""
     if path is None:
         return Policy()
-    if not path.is_file():
-        raise PolicyError(f"policy file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise PolicyError(f"invalid policy {path.name}: not valid YAML{where}") from None
-    policy = parse_policy(raw, path.name)
+    policy = parse_policy(read_yaml(path, "policy"), path.name)
     # Relative data paths are relative to the policy file, as a user reading the file expects.
     return policy.with_data(
         _relative_to(policy.data.calibration, path.parent), _relative_to(policy.data.evaluation, path.parent)

@@ -178,3 +178,15 @@ def tags_to_strings(values: Mapping[str, object]) -> dict[str, str]:
     for k, v in values.items():
         out[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
     return out
+
+
+def all_pages(search: Any) -> list[Any]:
+    """Every item of a paged MLflow listing (``search_*``, ``list_webhooks``), following its page tokens."""
+    items: list[Any] = []
+    token = None
+    while True:
+        page = search(page_token=token) if token else search()
+        items.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return items

@@ -6,6 +6,7 @@ searchable; nothing else is needed to rebuild a report later.
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from dataclasses import dataclass
@@ -85,11 +86,13 @@ def history(client: Any, name: str) -> list[Attempt]:
     registry.resolve_model(client, name)
     experiments = {e.experiment_id: e.name for e in client.search_experiments()}
     escaped = name.replace("'", "\\'")
-    runs = client.search_runs(
-        list(experiments),
-        filter_string=f"tags.`{TAG}source_name` = '{escaped}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1000,
+    runs = registry.all_pages(
+        functools.partial(
+            client.search_runs,
+            list(experiments),
+            filter_string=f"tags.`{TAG}source_name` = '{escaped}'",
+            order_by=["attributes.start_time DESC"],
+        )
     )
     out = []
     for run in runs:

@@ -11,11 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from quantgate.errors import PolicyError
-from quantgate.policy import Policy, load_policy, parse_policy
+from quantgate.policy import Policy, load_policy, parse_policy, read_yaml, validation_message
 
 DATA_TAGS = ("quantgate.calibration", "quantgate.evaluation")
 MANAGED_TAG = "quantgate.managed"
@@ -78,20 +77,13 @@ def load_config(path: Path | None) -> AutomationConfig:
     """Read and validate the automation config; ``None`` gives the defaults."""
     if path is None:
         return AutomationConfig()
-    if not path.is_file():
-        raise PolicyError(f"automation config not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise PolicyError(f"invalid automation config {path.name}: not valid YAML") from None
+    raw = read_yaml(path, "automation config") or {}
     if not isinstance(raw, dict):
         raise PolicyError(f"invalid automation config {path.name}: expected a mapping at the top level")
     try:
         return AutomationConfig.model_validate({**raw, "base_dir": path.parent.resolve()})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise PolicyError(f"invalid automation config {path.name}: {where}: {err['msg']}") from None
+        raise PolicyError(validation_message("automation config", path.name, exc)) from None
 
 
 def select(

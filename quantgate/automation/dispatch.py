@@ -18,6 +18,7 @@ from typing import Any
 from quantgate.automation.config import DATA_TAGS, AutomationConfig, Rule, select
 from quantgate.hardware import backend_versions
 from quantgate.policy import Policy
+from quantgate.registry import all_pages
 
 log = logging.getLogger("quantgate.automation")
 
@@ -105,10 +106,10 @@ def reconcile(client: Any, config: AutomationConfig, tracking_uri: str) -> list[
     Uses the webhook path's idempotency keys, so a version whose webhook did arrive is not run twice.
     """
     out: list[Decision] = []
-    for model in _all(client.search_registered_models):
+    for model in all_pages(client.search_registered_models):
         model_tags = dict(model.tags or {})
         search = functools.partial(client.search_model_versions, "name = '{}'".format(model.name.replace("'", "\\'")))
-        for mv in _all(search):
+        for mv in all_pages(search):
             aliases = tuple(sorted(a for a, v in (model.aliases or {}).items() if str(v) == str(mv.version)))
             info = VersionInfo(model.name, str(mv.version), dict(mv.tags or {}), aliases, model_tags)
             rule, why = select(config, info.name, info.tags, info.aliases, model_tags)
@@ -119,18 +120,6 @@ def reconcile(client: Any, config: AutomationConfig, tracking_uri: str) -> list[
             run_id, key = trigger(info, rule, config, tracking_uri)
             out.append(Decision("started", f"{info.uri}: {why}", run_id, key))
     return out
-
-
-def _all(search: Any) -> list[Any]:
-    """Every page of an MLflow search."""
-    items: list[Any] = []
-    token = None
-    while True:
-        page = search(page_token=token) if token else search()
-        items.extend(page)
-        token = getattr(page, "token", None)
-        if not token:
-            return items
 
 
 def consider(client: Any, config: AutomationConfig, tracking_uri: str, name: str, version: str) -> Decision:

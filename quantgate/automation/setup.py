@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from quantgate.automation.config import AutomationConfig
+from quantgate.registry import all_pages
 
 log = logging.getLogger("quantgate.automation")
 
@@ -74,7 +75,7 @@ def deploy(config: AutomationConfig, tracking_uri: str) -> list[str]:
 
 def register_webhook(client: Any, url: str, secret: str) -> str:
     """Point MLflow's registry webhooks at the bridge; an earlier quantgate webhook is replaced, not duplicated."""
-    for hook in _all_webhooks(client):
+    for hook in all_pages(client.list_webhooks):
         if hook.name == WEBHOOK_NAME:
             client.delete_webhook(hook.webhook_id)
     hook = client.create_webhook(
@@ -85,14 +86,3 @@ def register_webhook(client: Any, url: str, secret: str) -> str:
         description="quantgate: compress new model versions",
     )
     return str(hook.webhook_id)
-
-
-def _all_webhooks(client: Any) -> list[Any]:
-    hooks: list[Any] = []
-    token = None
-    while True:
-        page = client.list_webhooks(page_token=token) if token else client.list_webhooks()
-        hooks.extend(page)
-        token = getattr(page, "token", None)
-        if not token:
-            return hooks

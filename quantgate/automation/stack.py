@@ -16,8 +16,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from quantgate.errors import QuantgateError
 
@@ -91,34 +93,34 @@ def _secret(path: Path, make: str) -> str:
     return path.read_text().strip()
 
 
-def ensure_databases(settings: StackSettings) -> None:
-    """One database per server: MLflow and Prefect both keep Alembic state in ``alembic_version``."""
+@contextlib.contextmanager
+def _admin(settings: StackSettings) -> Iterator[Any]:
+    """A cursor on the server's ``postgres`` database, in autocommit (CREATE/DROP DATABASE refuse transactions)."""
     import psycopg2
 
     conn = psycopg2.connect(f"{settings.postgres}/postgres")
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
-            for role in ("mlflow", "prefect"):
-                name = settings.database(role)
-                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-                if cur.fetchone() is None:
-                    cur.execute(f'CREATE DATABASE "{name}"')
+            yield cur
     finally:
         conn.close()
+
+
+def ensure_databases(settings: StackSettings) -> None:
+    """One database per server: MLflow and Prefect both keep Alembic state in ``alembic_version``."""
+    with _admin(settings) as cur:
+        for role in ("mlflow", "prefect"):
+            name = settings.database(role)
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone() is None:
+                cur.execute(f'CREATE DATABASE "{name}"')
 
 
 def drop_databases(settings: StackSettings) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(f"{settings.postgres}/postgres")
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            for role in ("mlflow", "prefect"):
-                cur.execute(f'DROP DATABASE IF EXISTS "{settings.database(role)}" WITH (FORCE)')
-    finally:
-        conn.close()
+    with _admin(settings) as cur:
+        for role in ("mlflow", "prefect"):
+            cur.execute(f'DROP DATABASE IF EXISTS "{settings.database(role)}" WITH (FORCE)')
 
 
 def _base_env(settings: StackSettings) -> dict[str, str]:

@@ -85,27 +85,15 @@ def candidate_task(
     workdir: Path,
     validators: list[Validator],
 ) -> pipeline.CandidateRun:
+    """``base``: the backend's FP32 baseline, or ONNX Runtime's for a recipe this host can only prepare."""
+    if planned.prepare_only:
+        return pipeline.evaluate_prepared(planned, base, model, data, policy, hardware, workdir, validators)
     assert planned.recipe is not None
     return pipeline.evaluate(base, planned.recipe, model, data, policy, hardware, workdir, validators)
 
 
-@task(
-    name="prepare-and-check",
-    task_run_name="{planned.backend}-{planned.recipe.name}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
-def prepared_task(
-    planned: PlannedRecipe,
-    reference: Baseline,
-    model: ModelInfo,
-    data: DataSets,
-    policy: Policy,
-    hardware: Hardware,
-    workdir: Path,
-    validators: list[Validator],
-) -> pipeline.CandidateRun:
-    return pipeline.evaluate_prepared(planned, reference, model, data, policy, hardware, workdir, validators)
+# The same task under its own name, so the Prefect UI says which recipes only ran their host-independent step.
+prepared_task = candidate_task.with_options(name="prepare-and-check")
 
 
 @task(name="gate", cache_policy=NO_CACHE, persist_result=False)
@@ -214,10 +202,8 @@ def run_compression(
         if isinstance(base, str):
             results.append(pipeline.failed_result(item.recipe, base, hardware, has_labels, policy))
             continue
-        if item.prepare_only:
-            run = prepared_task(item, base, taken.model, data, policy, hardware, workdir, validators)
-        else:
-            run = candidate_task(item, base, taken.model, data, policy, hardware, workdir, validators)
+        step = prepared_task if item.prepare_only else candidate_task
+        run = step(item, base, taken.model, data, policy, hardware, workdir, validators)
         compress_s += run.compress_s
         validate_s += run.validate_s
         results.append(run.result)
