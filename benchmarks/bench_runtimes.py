@@ -205,35 +205,13 @@ def build_cnn_case(root: Path, epochs: int) -> ModelCase:
 
 
 def build_transformer_case(root: Path) -> ModelCase:
-    """A BERT encoder with random weights from a transformers config (as tests/plugins/test_openvino.py does)."""
-    import torch
-    from transformers import BertConfig, BertModel
+    """A BERT encoder with random weights from a transformers config (``quantgate.demo.export_bert_encoder``)."""
+    from quantgate.demo import export_bert_encoder
 
     root.mkdir(parents=True, exist_ok=True)
     print("transformer encoder: exporting a random-weight BERT encoder", flush=True)
-    torch.manual_seed(0)
-    bert = BertModel(BertConfig(**BERT)).eval()
-
-    class Wrapper(torch.nn.Module):
-        # transformers 5.x: positional (ids, mask) collides with use_cache; call the model with keywords.
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-            out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
-            return out.last_hidden_state, out.pooler_output
-
-    ids = torch.ones(1, SEQ_LEN, dtype=torch.int64)
-    dyn = {
-        "input_ids": {0: "b", 1: "s"},
-        "attention_mask": {0: "b", 1: "s"},
-        "hidden": {0: "b", 1: "s"},
-        "pooled": {0: "b"},
-    }
-    path = _export(
-        Wrapper(), (ids, ids), root / "bert.onnx", ["input_ids", "attention_mask"], ["hidden", "pooled"], dyn
-    )
+    path = root / "bert.onnx"
+    params = export_bert_encoder(path, seq_len=SEQ_LEN, pooled=True, config=BERT)
     rng = np.random.default_rng(0)
     data = root / "data"
     data.mkdir(exist_ok=True)
@@ -241,7 +219,6 @@ def build_transformer_case(root: Path) -> ModelCase:
     for file, n in ((calib, CALIBRATION_SAMPLES), (evaluation, TRANSFORMER_EVAL_SAMPLES)):
         ids_np = rng.integers(1, BERT["vocab_size"], (n, SEQ_LEN), dtype=np.int64)
         np.savez(file, input_ids=ids_np, attention_mask=np.ones((n, SEQ_LEN), dtype=np.int64))
-    params = sum(p.numel() for p in bert.parameters())
     facts = (
         f"transformer: BertModel, random weights, {BERT['num_hidden_layers']} layers, hidden {BERT['hidden_size']}, "
         f"{BERT['num_attention_heads']} heads, FFN {BERT['intermediate_size']}, vocab {BERT['vocab_size']}, "

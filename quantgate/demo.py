@@ -129,3 +129,51 @@ def register_demo_model(tracking_uri: str, workdir: Path, *, name: str = DEMO_MO
     client.set_registered_model_alias(name, "champion", version)
     log.info("registered %s version %s (test accuracy %.3f)", name, version, acc)
     return f"models:/{name}/{version}"
+
+
+TINY_BERT = {
+    "vocab_size": 100,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
+
+
+def export_bert_encoder(
+    path: Path, *, seq_len: int = 8, pooled: bool = False, seed: int = 0, config: dict[str, int] | None = None
+) -> int:
+    """A random-weight ``BertModel`` built from a ``transformers`` config (nothing downloaded), exported to ONNX with
+    dynamic batch and sequence axes: inputs ``input_ids`` and ``attention_mask``, outputs ``hidden`` (and
+    ``pooled``). Returns its parameter count. Needs the ``transformers`` extra."""
+    import warnings
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    settings: dict[str, Any] = dict(config or TINY_BERT)
+    bert: Any = BertModel(BertConfig(**settings))
+    bert.eval()
+
+    class Wrapper(torch.nn.Module):  # transformers 5 rejects positional (ids, mask) in torch.onnx.export
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
+            return (out.last_hidden_state, out.pooler_output) if pooled else out.last_hidden_state
+
+    outputs = ["hidden", "pooled"] if pooled else ["hidden"]
+    axes: dict[str, dict[int, str]] = {name: {0: "b", 1: "s"} for name in ("input_ids", "attention_mask", "hidden")}
+    if pooled:
+        axes["pooled"] = {0: "b"}
+    ids = torch.ones(1, seq_len, dtype=torch.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Wrapper(), (ids, ids), str(path), input_names=["input_ids", "attention_mask"], output_names=outputs,
+            dynamic_axes=axes, opset_version=17, dynamo=False,
+        )  # fmt: skip
+    return sum(p.numel() for p in bert.parameters())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,38 +22,46 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    d = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    mlflow_exe = str(Path(sys.executable).with_name("mlflow"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    with open(d / "server.log", "wb") as log:
-        proc = subprocess.Popen(
-            [mlflow_exe, "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
-             "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=d, start_new_session=True,
-        )  # fmt: skip
+@contextlib.contextmanager
+def running_process(
+    argv: list[str], env: dict[str, str], cwd: Path, port: int, health: str, what: str, timeout_s: float = 180
+) -> Iterator[str]:
+    """Start a server on 127.0.0.1:``port``, yield its URL once ``health`` answers 200, stop its process group."""
+    log_path = cwd / f"{Path(argv[0]).name}-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                with urllib.request.urlopen(url + health, timeout=2) as resp:
                     if resp.status == 200:
                         break
             except OSError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}")
+                pytest.fail(f"{what} did not start: {log_path.read_text()[-3000:]}")
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    d = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    argv = [
+        str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
+        "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    with running_process(argv, env, d, port, "/health", "mlflow server", timeout_s=120) as url:
+        yield url

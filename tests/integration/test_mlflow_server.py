@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import register_onnx, test_policy
-from tests.integration.conftest import _free_port
+from tests.integration.conftest import _free_port, running_process
 
 pytestmark = pytest.mark.slow
 
@@ -32,34 +30,12 @@ def _served(model_uri: str, tracking: str, workdir: Path) -> Iterator[str]:
     env.update(MLFLOW_TRACKING_URI=tracking, MLFLOW_DISABLE_TELEMETRY="true")
     # `mlflow models serve` execs `uvicorn` from PATH, as in an activated environment.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    log_path = workdir / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", model_uri, "--env-manager",
-             "local", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/ping", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow models serve {model_uri} did not start: {log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+    argv = [
+        str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", model_uri, "--env-manager", "local",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    with running_process(argv, env, workdir, port, "/ping", f"mlflow models serve {model_uri}") as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _invoke(url: str, payload: dict[str, object]) -> dict[str, object]:

@@ -6,6 +6,7 @@ import onnx
 import pytest
 
 from quantgate.data import NpzDataset
+from quantgate.demo import export_bert_encoder
 from quantgate.errors import BackendError
 from quantgate.model import read_model_info
 from quantgate.plugins.base import Calibration, load_backend
@@ -64,27 +65,8 @@ def test_preprocessing_falls_back_when_symbolic_shape_inference_fails(
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    import torch
-    from transformers import BertConfig, BertModel
-
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    bert = BertModel(cfg).eval()
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
     path = tmp_path / "bert.onnx"
-    ids = torch.ones(1, 8, dtype=torch.int64)
-    torch.onnx.export(
-        Wrapper(), (ids, ids), str(path), input_names=["input_ids", "attention_mask"], output_names=["hidden"],
-        dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}, "hidden": {0: "b", 1: "s"}},
-        opset_version=17, dynamo=False,
-    )  # fmt: skip
+    export_bert_encoder(path)
     rng = np.random.default_rng(0)
     data = tmp_path / "calib.npz"
     np.savez(data, input_ids=rng.integers(0, 100, (32, 8)), attention_mask=np.ones((32, 8), dtype=np.int64))

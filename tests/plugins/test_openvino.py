@@ -1,7 +1,6 @@
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 from quantgate.data import NpzDataset
+from quantgate.demo import export_bert_encoder
 from quantgate.errors import BackendError, DataError
 from quantgate.model import ModelInfo, read_model_info
 from quantgate.plugins.base import Calibration, Candidate
@@ -137,31 +137,7 @@ def test_accuracy_control_without_validation_data_is_a_backend_error(
 
 
 def _bert_onnx(path: Path) -> Path:
-    import torch
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    bert = BertModel(cfg).eval()
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-            out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
-            return out.last_hidden_state, out.pooler_output
-
-    ids = torch.ones(1, 8, dtype=torch.int64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            Wrapper(), (ids, ids), str(path), input_names=["input_ids", "attention_mask"],
-            output_names=["hidden", "pooled"], opset_version=17, dynamo=False,
-            dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}, "hidden": {0: "b", 1: "s"},
-                          "pooled": {0: "b"}},
-        )  # fmt: skip
+    export_bert_encoder(path, pooled=True)
     return path
 
 

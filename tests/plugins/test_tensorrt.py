@@ -15,6 +15,7 @@ import pytest
 from onnx import numpy_helper
 
 from quantgate.data import NpzDataset
+from quantgate.demo import export_bert_encoder
 from quantgate.errors import BackendError, BackendUnavailable
 from quantgate.model import read_model_info
 from quantgate.plugins.base import Calibration, Candidate, Recipe
@@ -57,28 +58,8 @@ def digits_qdq(digits_onnx: Path, calib_npz: Path, tmp_path_factory: pytest.Temp
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """A tiny random-weight BERT encoder exported to ONNX, with calibration and evaluation sets of padded ids."""
-    import torch
-    from transformers import BertConfig, BertModel
-
     d = tmp_path_factory.mktemp("trt-bert")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    encoder = BertModel(cfg).eval()
-
-    class Wrapper(torch.nn.Module):  # transformers 5 rejects positional (ids, mask) in torch.onnx.export
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = encoder
-
-        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    ids = torch.ones(1, 16, dtype=torch.int64)
-    torch.onnx.export(
-        Wrapper(), (ids, ids), str(d / "bert.onnx"), input_names=["input_ids", "attention_mask"],
-        output_names=["hidden"], opset_version=17, dynamo=False,
-        dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}, "hidden": {0: "b", 1: "s"}},
-    )  # fmt: skip
+    export_bert_encoder(d / "bert.onnx", seq_len=16)
     rng = np.random.default_rng(0)
     for name, n in (("calibration", 128), ("evaluation", 128)):
         mask = (np.arange(16) < rng.integers(4, 17, n)[:, None]).astype(np.int64)
