@@ -23,8 +23,6 @@ from quantgate.registry import all_pages
 log = logging.getLogger("quantgate.automation")
 
 COMPRESS_DEPLOYMENT = "compress-model/compress-model"
-# Events whose tag keys can change a selection: the data tags, and any tag a rule selects on.
-HANDLED_EVENTS = ("model_version.created", "model_version_tag.set", "model_version_alias.created")
 
 
 @dataclass(frozen=True)

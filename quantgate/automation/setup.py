@@ -6,12 +6,12 @@ import logging
 from typing import Any
 
 from quantgate.automation.config import AutomationConfig
+from quantgate.automation.webhooks import HANDLED_KINDS
 from quantgate.registry import all_pages
 
 log = logging.getLogger("quantgate.automation")
 
 WEBHOOK_NAME = "quantgate"
-WEBHOOK_EVENTS = ("model_version.created", "model_version_tag.set", "model_version_alias.created")
 
 
 def ensure_pool(name: str, concurrency_limit: int | None) -> None:
@@ -81,7 +81,7 @@ def register_webhook(client: Any, url: str, secret: str) -> str:
     hook = client.create_webhook(
         name=WEBHOOK_NAME,
         url=url,
-        events=list(WEBHOOK_EVENTS),
+        events=sorted(HANDLED_KINDS),  # exactly what the bridge acts on
         secret=secret,
         description="quantgate: compress new model versions",
     )
