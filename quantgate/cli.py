@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,6 +21,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from quantgate.errors import InputError, QuantgateError
+
+if TYPE_CHECKING:
+    from quantgate.automation.config import AutomationConfig
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -387,7 +390,7 @@ def backends() -> None:
     out.print(table)
 
 
-def _automation(config: Path | None, tracking_uri: str | None) -> tuple[Any, str]:
+def _automation(config: Path | None, tracking_uri: str | None) -> tuple[AutomationConfig, str]:
     from quantgate import registry
     from quantgate.automation.config import load_config
 
@@ -441,13 +444,11 @@ def deploy(config: ConfigOption = None, tracking_uri: TrackingOption = None) -> 
 @app.command()
 def nightly(config: ConfigOption = None, tracking_uri: TrackingOption = None) -> None:
     """Run the nightly reconciliation now: a compress-model run for every selected version without a result."""
-    from quantgate.automation.config import AutomationConfig
     from quantgate.flows.nightly import nightly as nightly_flow
 
     _quiet_libraries()
     try:
         cfg, uri = _automation(config, tracking_uri)
-        assert isinstance(cfg, AutomationConfig)
         started = nightly_flow(cfg.inlined(), uri)
     except InputError as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None

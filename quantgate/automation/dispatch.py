@@ -123,8 +123,7 @@ def reconcile(client: Any, config: AutomationConfig, tracking_uri: str) -> list[
 def consider(client: Any, config: AutomationConfig, tracking_uri: str, name: str, version: str) -> Decision:
     """Select this version and, if selected, hand it to Prefect."""
     info = version_info(client, name, version)
-    model_tags = info.model_tags
-    rule, why = select(config, info.name, info.tags, info.aliases, model_tags)
+    rule, why = select(config, info.name, info.tags, info.aliases, info.model_tags)
     if rule is None:
         log.info("%s: not compressed (%s)", info.uri, why)
         return Decision("ignored", f"{info.uri}: {why}")
