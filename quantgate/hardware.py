@@ -6,12 +6,15 @@ import hashlib
 import json
 import os
 import platform
+import shutil
+import subprocess
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 # ISA extensions that decide whether INT8/BF16/FP16 kernels are fast on x86 CPUs.
-_INTERESTING_FLAGS = (
+ISA_FLAGS = (
     "avx2",
     "fma",
     "avx512f",
@@ -35,6 +38,7 @@ class Hardware:
     isa_flags: tuple[str, ...]
     libraries: dict[str, str] = field(default_factory=dict)
     python: str = platform.python_version()
+    gpus: tuple[str, ...] = ()  # NVIDIA GPU names, as nvidia-smi reports them
 
     @property
     def int8_dot_product(self) -> bool:
@@ -43,8 +47,31 @@ class Hardware:
 
     def fingerprint(self) -> str:
         """Hash of what makes latency comparable: CPU model, flags, cores (not library versions)."""
-        key = json.dumps([self.cpu_model, self.arch, self.logical_cores, self.isa_flags])
+        parts: list[object] = [self.cpu_model, self.arch, self.logical_cores, self.isa_flags]
+        if self.gpus:  # CPU-only hosts keep the fingerprints they had before GPUs were recorded
+            parts.append(self.gpus)
+        key = json.dumps(parts)
         return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> Hardware:
+        """The inverse of ``as_dict`` (derived keys dropped): how a result measured on another worker comes back."""
+
+        def strings(key: str) -> tuple[str, ...]:
+            value = d.get(key) or ()
+            return tuple(str(x) for x in value) if isinstance(value, list | tuple) else ()
+
+        libraries = d.get("libraries") or {}
+        cores = d.get("logical_cores")
+        return cls(
+            cpu_model=str(d.get("cpu_model", "")),
+            arch=str(d.get("arch", "")),
+            logical_cores=cores if isinstance(cores, int) else 0,
+            isa_flags=strings("isa_flags"),
+            libraries={str(k): str(v) for k, v in libraries.items()} if isinstance(libraries, dict) else {},
+            python=str(d.get("python", "")),
+            gpus=strings("gpus"),
+        )
 
     def as_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -67,7 +94,7 @@ def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, tuple[str, ...]]:
         elif key in ("flags", "Features") and not flags:
             flags = value
     present = set(flags.split())
-    return model, tuple(f for f in _INTERESTING_FLAGS if f in present)
+    return model, tuple(f for f in ISA_FLAGS if f in present)
 
 
 def library_versions() -> dict[str, str]:
@@ -86,6 +113,22 @@ def backend_versions() -> dict[str, str]:
     return {k: v for k, v in libs.items() if k in ("quantgate", "onnx", "onnxruntime", "openvino", "nncf")}
 
 
+def _gpus() -> tuple[str, ...]:
+    """NVIDIA GPU names from nvidia-smi (no CUDA libraries needed); none when it is absent or fails."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return ()
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    if out.returncode != 0:
+        return ()
+    return tuple(line.strip() for line in out.stdout.splitlines() if line.strip())
+
+
 def detect() -> Hardware:
     model, flags = _cpuinfo()
     return Hardware(
@@ -94,4 +137,5 @@ def detect() -> Hardware:
         logical_cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
         isa_flags=flags,
         libraries=library_versions(),
+        gpus=_gpus(),
     )

@@ -113,11 +113,14 @@ class PlannedRecipe:
     prepare_only: bool = False  # the backend cannot run here; only its host-independent step runs
 
 
-def plan(policy: Policy, model: ModelInfo) -> list[PlannedRecipe]:
-    """Every (backend, recipe) pair the policy asks for, in policy order."""
+def plan(policy: Policy, model: ModelInfo, backends: tuple[str, ...] | None = None) -> list[PlannedRecipe]:
+    """Every (backend, recipe) pair the policy asks for, in policy order.
+
+    ``backends``: only these (a target pool's step); the recipe names were checked against all of them by the parent.
+    """
     out: list[PlannedRecipe] = []
     known: set[str] = set()
-    for name in policy.backends:
+    for name in backends if backends is not None else policy.backends:
         try:
             backend = load_backend(name)
         except BackendUnavailable as exc:
@@ -135,7 +138,7 @@ def plan(policy: Policy, model: ModelInfo) -> list[PlannedRecipe]:
             PlannedRecipe(name, r, reason if prepare_only else "", prepare_only)
             for r in select_recipes(backend, model, policy.recipes)
         )
-    if policy.recipes is not None:
+    if policy.recipes is not None and backends is None:
         unknown = sorted(set(policy.recipes) - known)
         if unknown and known:
             raise PolicyError(f"unknown recipe(s) {', '.join(unknown)}; available: {', '.join(sorted(known))}")

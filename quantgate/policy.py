@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantgate.errors import PolicyError
+from quantgate.hardware import ISA_FLAGS
 
 
 class _Strict(BaseModel):
@@ -77,6 +78,32 @@ class RegistryPolicy(_Strict):
         return v
 
 
+class HardwareRequirements(_Strict):
+    """What the host that measured a candidate must have; checked against the fingerprint its validators recorded."""
+
+    arch: str | None = Field(default=None, description="machine architecture, e.g. x86_64")
+    cpu: str | None = Field(default=None, description="glob on the CPU model name, e.g. '*Xeon*'")
+    isa: tuple[str, ...] = Field(default=(), description="ISA flags the CPU must have, e.g. [avx512_vnni]")
+    min_cores: int | None = Field(default=None, ge=1)
+    gpu: str | None = Field(default=None, description="glob on an NVIDIA GPU name, e.g. '*H100*'; '*' = any GPU")
+
+    @field_validator("isa")
+    @classmethod
+    def _known_flags(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [f for f in v if f not in ISA_FLAGS]
+        if unknown:
+            raise ValueError(f"unknown ISA flag(s) {', '.join(unknown)}; known: {', '.join(ISA_FLAGS)}")
+        return v
+
+
+class TargetPolicy(_Strict):
+    """Where one backend's compress + validate step runs: a Prefect work pool whose workers have this hardware."""
+
+    pool: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="Prefect work pool of the target's workers")
+    requires: HardwareRequirements = HardwareRequirements()
+    timeout_s: float = Field(default=3600.0, gt=0.0, description="Longest wait for the step, queueing included")
+
+
 class Policy(_Strict):
     backends: tuple[str, ...] = Field(default=("onnxruntime",), min_length=1)
     recipes: tuple[str, ...] | None = Field(default=None, description="Restrict to these recipe names")
@@ -85,11 +112,33 @@ class Policy(_Strict):
     latency: LatencyPolicy = LatencyPolicy()
     accuracy_control: AccuracyControlPolicy = AccuracyControlPolicy()
     registry: RegistryPolicy = RegistryPolicy()
+    targets: dict[str, TargetPolicy] = Field(
+        default_factory=dict, description="Per backend: the work pool its step runs in; absent = in-process"
+    )
+
+    @model_validator(mode="after")
+    def _targets_name_backends(self) -> Policy:
+        stray = sorted(set(self.targets) - set(self.backends))
+        if stray:
+            raise ValueError(f"targets name backend(s) not in backends: {', '.join(stray)}")
+        return self
 
     def digest(self) -> str:
         """A stable hash of every setting, used for lineage and idempotency."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json")
+        if not data["targets"]:
+            del data["targets"]  # policies without targets keep the hashes they had before targets existed
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def pools(self) -> dict[str, tuple[str, ...]]:
+        """Target pool -> the backends routed to it, in policy order."""
+        out: dict[str, tuple[str, ...]] = {}
+        for backend in self.backends:
+            if backend in self.targets:
+                pool = self.targets[backend].pool
+                out[pool] = (*out.get(pool, ()), backend)
+        return out
 
     def with_data(self, calibration: str | None, evaluation: str | None) -> Policy:
         data = self.data.model_copy(

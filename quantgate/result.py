@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from quantgate.gate import Verdict
+from quantgate.gate import Check, Verdict
 from quantgate.hardware import Hardware
 from quantgate.plugins.base import Recipe
 from quantgate.registry import SourceVersion
@@ -36,6 +37,7 @@ class CandidateResult:
     run_id: str | None = None
     registered_uri: str | None = None
     promoted: bool = False
+    logged_model_uri: str | None = None  # set when a target-pool step already logged the model (models:/m-...)
 
     @property
     def backend(self) -> str:
@@ -63,6 +65,34 @@ class CandidateResult:
             "hardware_fingerprint": self.hardware.fingerprint(),
             "latency_rounds_ms": _rounds(self.details),
         }
+
+    def to_record(self) -> dict[str, object]:
+        """Everything needed to rebuild this result in another process (a child run's ``report.json``)."""
+        return self.to_dict() | {
+            "precision": self.recipe.precision,
+            "details": self.details,
+            "hardware": self.hardware.as_dict(),
+            "logged_model_uri": self.logged_model_uri,
+        }
+
+    @classmethod
+    def from_record(cls, d: dict[str, Any]) -> CandidateResult:
+        """The inverse of ``to_record``: a result measured by a step on another worker, as the parent gates it."""
+        settings = d.get("settings") or {}
+        recipe = Recipe.make(str(d["backend"]), str(d["recipe"]), str(d.get("precision", "none")), **settings)
+        if recipe.digest != d.get("recipe_hash"):
+            raise ValueError(f"{d['backend']}/{d['recipe']}: its settings do not hash to the recorded recipe hash")
+        checks = tuple(Check(str(c["name"]), bool(c["passed"]), str(c["detail"])) for c in d.get("checks", []))
+        return cls(
+            recipe=recipe,
+            metrics={str(k): float(v) for k, v in (d.get("all_metrics") or {}).items()},
+            verdict=Verdict(bool(d["passed"]) and all(c.passed for c in checks), checks),
+            hardware=Hardware.from_dict(d.get("hardware") or {}),
+            notes=[str(n) for n in d.get("notes", [])],
+            details=dict(d.get("details") or {}),
+            run_id=d.get("run_id"),
+            logged_model_uri=d.get("logged_model_uri"),
+        )
 
 
 def _rounds(details: dict[str, object]) -> object:

@@ -11,9 +11,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from quantgate import registry, report, serving
+from quantgate import registry, report, serving, targets
 from quantgate.errors import RegistrationError
-from quantgate.hardware import backend_versions
+from quantgate.hardware import Hardware, backend_versions
 from quantgate.model import ModelInfo
 from quantgate.policy import Policy
 from quantgate.registry import TAG
@@ -32,10 +32,11 @@ def _experiment_id(client: Any, name: str) -> str:
 
 
 def _log_json(client: Any, run_id: str, name: str, payload: object) -> None:
+    folder, _, base = name.rpartition("/")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
+        path = Path(tmp) / base
         path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-        client.log_artifact(run_id, str(path))
+        client.log_artifact(run_id, str(path), folder or None)
 
 
 def _lineage_tags(result: CompressionResult, cand: CandidateResult) -> dict[str, str]:
@@ -66,7 +67,7 @@ def _log_candidate(
     client: Any,
     exp_id: str,
     parent_id: str,
-    result: CompressionResult,
+    source_uri: str,
     cand: CandidateResult,
     model: ModelInfo,
     log_model: bool,
@@ -82,7 +83,7 @@ def _log_candidate(
             TAG + "recipe": cand.recipe.name,
             TAG + "passed": str(cand.passed).lower(),
             TAG + "promoted": str(cand.promoted).lower(),
-            TAG + "source_uri": result.source.uri,
+            TAG + "source_uri": source_uri,
             TAG + "hardware": cand.hardware.fingerprint(),
         },
     )
@@ -94,11 +95,11 @@ def _log_candidate(
         client.log_param(run_id, key, value)
     for name, metric in sorted(cand.metrics.items()):
         client.log_metric(run_id, name, float(metric))
-    report = cand.to_dict() | {"details": cand.details, "hardware": cand.hardware.as_dict()}
-    _log_json(client, run_id, "report.json", report)
     model_uri = None
     if log_model and cand.artifact is not None:
         model_uri = serving.log_candidate_model(client, exp_id, run_id, cand, model)
+        cand.logged_model_uri = model_uri
+    _log_json(client, run_id, "report.json", cand.to_record())
     client.set_terminated(run_id, "FINISHED")
     return model_uri
 
@@ -107,29 +108,85 @@ def _wants_registration(policy: Policy, cand: CandidateResult) -> bool:
     return cand.passed and (policy.registry.register_all_passing or cand.promoted)
 
 
-def record(client: Any, result: CompressionResult, policy: Policy, model: ModelInfo, data_uris: dict[str, str]) -> None:
-    """Log every candidate, register the passing ones, alias the winner, tag the source version."""
+def start_parent(
+    client: Any, source: registry.SourceVersion, policy: Policy, hardware: Hardware, data_uris: dict[str, str]
+) -> str:
+    """The parent run of one compression, open until ``record`` closes it (target-pool steps log under it)."""
     exp_id = _experiment_id(client, policy.registry.experiment)
+    policy_hash = policy.digest()
     parent = client.create_run(
         exp_id,
-        run_name=f"compress {result.source.name} v{result.source.version}",
+        run_name=f"compress {source.name} v{source.version}",
         tags={
-            TAG + "source_name": result.source.name,
-            TAG + "source_version": result.source.version,
-            TAG + "policy_hash": result.policy_hash,
-            TAG + "hardware": result.hardware.fingerprint(),
+            TAG + "source_name": source.name,
+            TAG + "source_version": source.version,
+            TAG + "policy_hash": policy_hash,
+            TAG + "hardware": hardware.fingerprint(),
         },
     )
     parent_id = str(parent.info.run_id)
-    result.parent_run_id = parent_id
     try:
-        client.log_param(parent_id, "source_uri", result.source.uri)
-        client.log_param(parent_id, "policy_hash", result.policy_hash)
+        client.log_param(parent_id, "source_uri", source.uri)
+        client.log_param(parent_id, "policy_hash", policy_hash)
         for role, uri in data_uris.items():
             client.log_param(parent_id, f"data.{role}", uri)
+    except BaseException:
+        client.set_terminated(parent_id, "FAILED")
+        raise
+    return parent_id
+
+
+def log_step(
+    client: Any,
+    parent_id: str,
+    source_uri: str,
+    results: list[CandidateResult],
+    model: ModelInfo,
+    document: dict[str, Any],
+) -> None:
+    """A target-pool step's candidates as child runs of the parent (passing ones with their model), and the
+    step's document for the parent to gate: the parent registers, the step never does."""
+    parent = client.get_run(parent_id)
+    exp_id = str(parent.info.experiment_id)
+    for cand in results:
+        _log_candidate(client, exp_id, parent_id, source_uri, cand, model, cand.passed)
+    document["candidates"] = [c.to_record() for c in results]  # now with run ids and logged models
+    _log_json(client, parent_id, targets.step_artifact(str(document["pool"])), document)
+
+
+def read_step(client: Any, parent_id: str, pool: str) -> dict[str, Any]:
+    """The document a step left on the parent run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(parent_id, targets.step_artifact(pool), tmp)
+        loaded: dict[str, Any] = json.loads(Path(local).read_text())
+    return loaded
+
+
+def record(
+    client: Any,
+    result: CompressionResult,
+    policy: Policy,
+    model: ModelInfo,
+    data_uris: dict[str, str],
+    parent_id: str | None = None,
+) -> None:
+    """Log every candidate, register the passing ones, alias the winner, tag the source version.
+
+    ``parent_id``: the run ``start_parent`` opened (target-pool steps already logged their candidates under it).
+    """
+    if parent_id is None:
+        parent_id = start_parent(client, result.source, policy, result.hardware, data_uris)
+    exp_id = str(client.get_run(parent_id).info.experiment_id)
+    result.parent_run_id = parent_id
+    try:
         to_register: list[tuple[CandidateResult, str]] = []
         for cand in result.candidates:
-            logged = _log_candidate(client, exp_id, parent_id, result, cand, model, _wants_registration(policy, cand))
+            wanted = _wants_registration(policy, cand)
+            if cand.run_id is None:
+                logged = _log_candidate(client, exp_id, parent_id, result.source.uri, cand, model, wanted)
+            else:  # logged by its step: the verdict may have changed here (the hardware check), promotion is known
+                _retag_candidate(client, cand)
+                logged = cand.logged_model_uri if wanted else None
             if logged is not None:
                 to_register.append((cand, logged))
         _register(client, result, policy, to_register)
@@ -150,6 +207,13 @@ def record(client: Any, result: CompressionResult, policy: Policy, model: ModelI
         client.set_terminated(parent_id, "FAILED")
         raise
     client.set_terminated(parent_id, "FINISHED")
+
+
+def _retag_candidate(client: Any, cand: CandidateResult) -> None:
+    assert cand.run_id is not None
+    client.set_tag(cand.run_id, TAG + "passed", str(cand.passed).lower())
+    client.set_tag(cand.run_id, TAG + "promoted", str(cand.promoted).lower())
+    _log_json(client, cand.run_id, "report.json", cand.to_record())
 
 
 def _register(

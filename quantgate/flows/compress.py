@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -10,8 +11,9 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from quantgate import pipeline, registry, report, tracking
+from quantgate import pipeline, registry, report, targets, tracking
 from quantgate.errors import BackendError, DataError, TrackingUnavailable
+from quantgate.flows import dispatch
 from quantgate.hardware import Hardware, detect
 from quantgate.model import ModelInfo
 from quantgate.pipeline import Baseline, DataSets, Intake, PlannedRecipe
@@ -19,6 +21,8 @@ from quantgate.policy import Policy, parse_policy
 from quantgate.result import CandidateResult, CompressionResult
 from quantgate.validators.base import Validator, load_validators
 from quantgate.validators.latency import REFERENCE_BACKEND
+
+log = logging.getLogger("quantgate")
 
 # Objects passed between these tasks (open data sets, ONNX Runtime sessions) live in this process only:
 # every task has no result persistence and no input hashing (cache_policy=NO_CACHE).
@@ -103,16 +107,16 @@ def gate_task(results: list[CandidateResult]) -> CandidateResult | None:
 
 @task(name="register", cache_policy=NO_CACHE, persist_result=False, **_MLFLOW_RETRY)
 def register_task(
-    tracking_uri: str, result: CompressionResult, policy: Policy, model: ModelInfo, data: DataSets
+    tracking_uri: str,
+    result: CompressionResult,
+    policy: Policy,
+    model: ModelInfo,
+    data: DataSets,
+    parent_id: str | None = None,
 ) -> None:
     client = registry.connect(tracking_uri)
-    tracking.record(
-        client,
-        result,
-        policy,
-        model,
-        {"calibration": data.calibration_uri, "evaluation": data.evaluation_uri},
-    )
+    uris = {"calibration": data.calibration_uri, "evaluation": data.evaluation_uri}
+    tracking.record(client, result, policy, model, uris, parent_id)
 
 
 @task(name="publish", cache_policy=NO_CACHE, persist_result=False)
@@ -153,29 +157,16 @@ class _Clock:
         return time.perf_counter() - self._start
 
 
-def run_compression(
-    model_uri: str, policy: Policy, tracking_uri: str, workdir: Path, *, tag_failures: bool = False
-) -> CompressionResult:
-    """The body of the flow, callable inside any flow run.
-
-    ``tag_failures``: automatic runs (webhook, nightly) have nobody watching, so a run that cannot start for lack
-    of usable data says why on the source version; an interactive run reports it and leaves the version as it was.
-    """
-    clock = _Clock()
-    source = resolve_task(model_uri, tracking_uri)
-    clock.lap("resolve")
-    taken = intake_task(source, workdir)
-    clock.lap("intake")
-    try:
-        data = data_task(policy, source, taken.model, workdir)
-    except DataError as exc:
-        if tag_failures:
-            tracking.tag_failure(registry.connect(tracking_uri), source, str(exc))
-        raise
-    hardware = detect()
-    planned = pipeline.plan(policy, taken.model)
-    validators = load_validators()  # entry points are read once per run, not once per candidate
-    clock.lap("data")
+def _run_candidates(
+    planned: list[PlannedRecipe],
+    taken: Intake,
+    data: DataSets,
+    policy: Policy,
+    hardware: Hardware,
+    workdir: Path,
+    validators: list[Validator],
+) -> tuple[list[CandidateResult], float, float]:
+    """Every planned recipe compressed and measured here, in order; returns (results, compress_s, validate_s)."""
     results: list[CandidateResult] = []
     compress_s = validate_s = 0.0
     baselines: dict[str, Baseline | str] = {}  # a str says why that backend's FP32 baseline failed
@@ -207,18 +198,135 @@ def run_compression(
         compress_s += run.compress_s
         validate_s += run.validate_s
         results.append(run.result)
-    clock.lap("candidates")
-    gate_task(results)
-    result = CompressionResult(
-        source=source,
-        flavor=taken.flavor,
-        policy_hash=policy.digest(),
-        hardware=hardware,
-        candidates=results,
-        experiment=policy.registry.experiment,
-        tracking_uri=tracking_uri,
-    )
-    register_task(tracking_uri, result, policy, taken.model, data)
+    return results, compress_s, validate_s
+
+
+@task(name="start-parent-run", cache_policy=NO_CACHE, persist_result=False, **_MLFLOW_RETRY)
+def start_parent_task(
+    tracking_uri: str, source: registry.SourceVersion, policy: Policy, hardware: Hardware, data: DataSets
+) -> str:
+    uris = {"calibration": data.calibration_uri, "evaluation": data.evaluation_uri}
+    return tracking.start_parent(registry.connect(tracking_uri), source, policy, hardware, uris)
+
+
+@task(name="start-step", task_run_name="start-step-{pool}", cache_policy=NO_CACHE, persist_result=False)
+def start_step_task(pool: str, parameters: dict[str, Any], key: str) -> dispatch.StepRun:
+    return dispatch.start(pool, parameters, key)
+
+
+@task(name="collect-step", task_run_name="collect-step-{step.pool}", cache_policy=NO_CACHE, persist_result=False)
+def collect_step_task(
+    step: dispatch.StepRun,
+    deadline: float,
+    tracking_uri: str,
+    parent_id: str,
+    planned: list[PlannedRecipe],
+    hardware: Hardware,
+    has_labels: bool,
+    policy: Policy,
+) -> targets.StepOutcome:
+    """Wait for one pool's step and rebuild its candidates; a step that failed fails only its own recipes."""
+    why = dispatch.wait(step, deadline)
+    if why is None:
+        try:
+            doc = tracking.read_step(registry.connect(tracking_uri), parent_id, step.pool)
+            return targets.read_step_document(step.pool, doc)
+        except Exception as exc:  # any unreadable result is that pool's failure, reported as such
+            why = f"the step in pool {step.pool} completed but its results could not be read: {exc}"
+    return targets.failed_step(step.pool, planned, why, hardware, has_labels, policy)
+
+
+def _start_steps(
+    remote: dict[str, tuple[str, ...]],
+    source: registry.SourceVersion,
+    data: DataSets,
+    policy: Policy,
+    tracking_uri: str,
+    parent_id: str,
+) -> list[tuple[dispatch.StepRun, float]]:
+    """Each pool's step with the deadline of its slowest target; the data URIs are pinned for every step."""
+    pinned = policy.with_data(data.calibration_uri, data.evaluation_uri).model_dump(mode="json")
+    out = []
+    for pool, backends in remote.items():
+        timeout = max(policy.targets[b].timeout_s for b in backends)
+        parameters = {
+            "model_uri": source.uri,
+            "policy": pinned,
+            "tracking_uri": tracking_uri,
+            "parent_run_id": parent_id,
+            "pool": pool,
+            "backends": list(backends),
+        }
+        out.append((start_step_task(pool, parameters, f"{parent_id}-{pool}"), time.monotonic() + timeout))
+    return out
+
+
+def run_compression(
+    model_uri: str, policy: Policy, tracking_uri: str, workdir: Path, *, tag_failures: bool = False
+) -> CompressionResult:
+    """The body of the flow, callable inside any flow run.
+
+    ``tag_failures``: automatic runs (webhook, nightly) have nobody watching, so a run that cannot start for lack
+    of usable data says why on the source version; an interactive run reports it and leaves the version as it was.
+
+    Backends with a target pool (``policy.targets``) other than the pool this run is in are compressed and measured
+    by a step flow run in their pool, started before the local candidates and gated here with them.
+    """
+    clock = _Clock()
+    source = resolve_task(model_uri, tracking_uri)
+    clock.lap("resolve")
+    taken = intake_task(source, workdir)
+    clock.lap("intake")
+    try:
+        data = data_task(policy, source, taken.model, workdir)
+    except DataError as exc:
+        if tag_failures:
+            tracking.tag_failure(registry.connect(tracking_uri), source, str(exc))
+        raise
+    hardware = detect()
+    planned = pipeline.plan(policy, taken.model)
+    validators = load_validators()  # entry points are read once per run, not once per candidate
+    clock.lap("data")
+    here = dispatch.current_pool() if policy.targets else None
+    remote = {
+        pool: backends
+        for pool, backends in policy.pools().items()
+        if pool != here and any(p.backend in backends for p in planned)
+    }
+    parent_id = start_parent_task(tracking_uri, source, policy, hardware, data) if remote else None
+    try:
+        steps = _start_steps(remote, source, data, policy, tracking_uri, parent_id) if parent_id else []
+        routed = {b for backends in remote.values() for b in backends}
+        local = [p for p in planned if p.backend not in routed]
+        results, compress_s, validate_s = _run_candidates(local, taken, data, policy, hardware, workdir, validators)
+        results = targets.check_targets(results, policy)
+        clock.lap("candidates")
+        has_labels = data.evaluation.has_labels
+        for step, deadline in steps:
+            mine = [p for p in planned if p.backend in remote[step.pool]]
+            assert parent_id is not None
+            outcome = collect_step_task(step, deadline, tracking_uri, parent_id, mine, hardware, has_labels, policy)
+            results.extend(outcome.checked(policy))
+            compress_s += outcome.timings.get("compress_s", 0.0)
+            validate_s += outcome.timings.get("validate_s", 0.0)
+        clock.lap("steps")
+        order = {b: i for i, b in enumerate(policy.backends)}
+        results.sort(key=lambda r: order.get(r.backend, len(order)))  # policy order, as without target pools
+        gate_task(results)
+        result = CompressionResult(
+            source=source,
+            flavor=taken.flavor,
+            policy_hash=policy.digest(),
+            hardware=hardware,
+            candidates=results,
+            experiment=policy.registry.experiment,
+            tracking_uri=tracking_uri,
+        )
+        register_task(tracking_uri, result, policy, taken.model, data, parent_id)
+    except BaseException:
+        if parent_id is not None:  # record() closes the run itself; this covers failures before it
+            _close_failed(tracking_uri, parent_id)
+        raise
     clock.lap("register")
     publish_task(result.to_document())
     result.timings = {
@@ -229,6 +337,59 @@ def run_compression(
         **clock.steps,
     }
     return result
+
+
+def _close_failed(tracking_uri: str, parent_id: str) -> None:
+    try:
+        client = registry.connect(tracking_uri)
+        if client.get_run(parent_id).info.status == "RUNNING":
+            client.set_terminated(parent_id, "FAILED")
+    except Exception as exc:  # the original error is the one to report
+        log.warning("could not mark MLflow run %s failed: %s", parent_id, exc)
+
+
+def run_step(
+    model_uri: str,
+    policy: Policy,
+    tracking_uri: str,
+    parent_run_id: str,
+    pool: str,
+    backends: tuple[str, ...],
+    workdir: Path,
+) -> dict[str, Any]:
+    """One pool's share of a compression, on that pool's worker: compress and measure its backends' recipes here,
+    log them under the parent run, and leave the results there for the parent to gate. Registers nothing."""
+    from prefect.runtime import flow_run
+
+    clock = _Clock()
+    source = resolve_task(model_uri, tracking_uri)
+    taken = intake_task(source, workdir)
+    data = data_task(policy, source, taken.model, workdir)
+    hardware = detect()
+    planned = pipeline.plan(policy, taken.model, backends)
+    results, compress_s, validate_s = _run_candidates(
+        planned, taken, data, policy, hardware, workdir, load_validators()
+    )
+    timings = {"compress_s": compress_s, "validate_s": validate_s, "step_s": clock.total()}
+    doc = targets.step_document(pool, str(flow_run.id or "") or None, hardware, results, timings)
+    log_step_task(tracking_uri, parent_run_id, source.uri, results, taken.model, doc)
+    return {
+        "pool": pool,
+        "hardware": hardware.fingerprint(),
+        "candidates": [{"recipe": f"{r.backend}/{r.recipe.name}", "passed": r.passed} for r in results],
+    }
+
+
+@task(name="log-step", cache_policy=NO_CACHE, persist_result=False, **_MLFLOW_RETRY)
+def log_step_task(
+    tracking_uri: str,
+    parent_run_id: str,
+    source_uri: str,
+    results: list[CandidateResult],
+    model: ModelInfo,
+    doc: dict[str, Any],
+) -> None:
+    tracking.log_step(registry.connect(tracking_uri), parent_run_id, source_uri, results, model, doc)
 
 
 @flow(name="compress-model", persist_result=False, log_prints=False)
@@ -248,3 +409,22 @@ def compress_model(
     with tempfile.TemporaryDirectory(prefix="quantgate-") as tmp:
         result = run_compression(model_uri, parsed, uri, Path(tmp), tag_failures=tag_failures)
     return result.to_document()
+
+
+@flow(name="compress-step", persist_result=False, log_prints=False)
+def compress_step(
+    model_uri: str,
+    policy: dict[str, Any],
+    tracking_uri: str,
+    parent_run_id: str,
+    pool: str,
+    backends: list[str],
+) -> dict[str, Any]:
+    """Compress and validate ``backends``' recipes on this target pool's hardware for a ``compress-model`` run.
+
+    Started by the parent run (one per pool, deployment ``compress-step/<pool>``); results go to the parent's
+    MLflow run, where the parent checks their hardware fingerprint against the target and gates them.
+    """
+    parsed = parse_policy(policy)
+    with tempfile.TemporaryDirectory(prefix="quantgate-step-") as tmp:
+        return run_step(model_uri, parsed, tracking_uri, parent_run_id, pool, tuple(backends), Path(tmp))

@@ -1,0 +1,151 @@
+"""Validators on target hardware: which backends run in which work pool, and whether what came back is trustworthy.
+
+A policy's ``targets`` send a backend's compress + validate step to a Prefect work pool whose workers have the
+target hardware. The step records the host fingerprint with every candidate; the parent refuses a result whose
+fingerprint does not match the target's declared requirements (a worker on the wrong machine, a mislabelled pool),
+so a latency figure measured on the wrong hardware can never pass the gate. Plain functions, no Prefect or MLflow.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from quantgate.gate import Check, Verdict
+from quantgate.hardware import Hardware
+from quantgate.pipeline import PlannedRecipe, failed_result
+from quantgate.plugins.base import Recipe
+from quantgate.policy import HardwareRequirements, Policy, TargetPolicy
+from quantgate.result import CandidateResult
+
+STEP_DEPLOYMENT = "compress-step"
+STEP_ARTIFACT_DIR = "steps"
+
+
+def deployment_name(pool: str) -> str:
+    """The step deployment of a pool: flow ``compress-step``, deployment named after the pool."""
+    return f"{STEP_DEPLOYMENT}/{pool}"
+
+
+def step_artifact(pool: str) -> str:
+    """Where a step leaves its results on the parent MLflow run."""
+    return f"{STEP_ARTIFACT_DIR}/{pool}.json"
+
+
+def mismatches(hw: Hardware, req: HardwareRequirements) -> list[str]:
+    """Every way this host falls short of the requirements; empty when it meets them."""
+    out: list[str] = []
+    if req.arch is not None and hw.arch != req.arch:
+        out.append(f"architecture {hw.arch or '?'} is not {req.arch}")
+    if req.cpu is not None and not fnmatch.fnmatchcase(hw.cpu_model, req.cpu):
+        out.append(f"CPU '{hw.cpu_model}' does not match '{req.cpu}'")
+    missing = [f for f in req.isa if f not in hw.isa_flags]
+    if missing:
+        out.append(f"CPU lacks {', '.join(missing)}")
+    if req.min_cores is not None and hw.logical_cores < req.min_cores:
+        out.append(f"{hw.logical_cores} cores, at least {req.min_cores} required")
+    if req.gpu is not None:
+        if not hw.gpus:
+            out.append("no NVIDIA GPU")
+        elif not any(fnmatch.fnmatchcase(g, req.gpu) for g in hw.gpus):
+            out.append(f"GPU {', '.join(hw.gpus)} does not match '{req.gpu}'")
+    return out
+
+
+def hardware_check(cand: CandidateResult, target: TargetPolicy, recorded_fingerprint: object) -> Check:
+    """The ``hardware`` gate check of a candidate that had a target."""
+    hw = cand.hardware
+    where = f"measured on {hw.cpu_model or '?'} ({hw.logical_cores} cores"
+    where += f", {', '.join(hw.gpus)})" if hw.gpus else ")"
+    where += f", fingerprint {hw.fingerprint()}"
+    if recorded_fingerprint is not None and recorded_fingerprint != hw.fingerprint():
+        detail = f"{where}: the recorded fingerprint {recorded_fingerprint} does not match the recorded hardware"
+        return Check("hardware", False, detail)
+    problems = mismatches(hw, target.requires)
+    if problems:
+        return Check("hardware", False, f"{where}: refused for pool {target.pool}: {'; '.join(problems)}")
+    return Check("hardware", True, f"{where}: meets the requirements of pool {target.pool}")
+
+
+def with_check(cand: CandidateResult, check: Check) -> CandidateResult:
+    checks = (*cand.verdict.checks, check)
+    return replace(cand, verdict=Verdict(cand.verdict.passed and check.passed, checks))
+
+
+def check_targets(
+    results: Sequence[CandidateResult], policy: Policy, fingerprints: Sequence[object] | None = None
+) -> list[CandidateResult]:
+    """Add the hardware check to every measured candidate whose backend has a target (in-process ones included).
+
+    ``fingerprints``: the fingerprint each result recorded, by position, checked against the hardware it recorded
+    (results rebuilt from a step's JSON); results measured in this process are checked against their hardware only.
+    """
+    out: list[CandidateResult] = []
+    for i, cand in enumerate(results):
+        target = policy.targets.get(cand.backend)
+        if target is None:
+            out.append(cand)
+            continue
+        recorded = fingerprints[i] if fingerprints is not None else None
+        out.append(with_check(cand, hardware_check(cand, target, recorded)))
+    return out
+
+
+@dataclass
+class StepOutcome:
+    """What came back from one pool: its candidates, their fingerprints as recorded, and its timings."""
+
+    pool: str
+    results: list[CandidateResult]
+    fingerprints: list[object] | None = None  # None: nothing was measured on the target (the step failed)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def checked(self, policy: Policy) -> list[CandidateResult]:
+        """The results with their hardware checks; a failed step's results already say why they failed."""
+        if self.fingerprints is None:
+            return list(self.results)
+        return check_targets(self.results, policy, self.fingerprints)
+
+
+def step_document(
+    pool: str, flow_run_id: str | None, hardware: Hardware, results: list[CandidateResult], timings: dict[str, float]
+) -> dict[str, Any]:
+    """The JSON a step leaves on the parent run: every candidate in full, as the parent rebuilds and gates it."""
+    return {
+        "pool": pool,
+        "flow_run_id": flow_run_id,
+        "hardware": hardware.as_dict(),
+        "candidates": [c.to_record() for c in results],
+        "timings_s": timings,
+    }
+
+
+def read_step_document(pool: str, doc: Mapping[str, Any]) -> StepOutcome:
+    """Rebuild a step's candidates; a document for another pool or a malformed one is a ``ValueError``."""
+    if doc.get("pool") != pool:
+        raise ValueError(f"the step document names pool {doc.get('pool')!r}, expected {pool!r}")
+    records = doc.get("candidates")
+    if not isinstance(records, list):
+        raise ValueError("the step document has no candidate list")
+    results = [CandidateResult.from_record(r) for r in records]
+    fingerprints = [(r.get("hardware") or {}).get("fingerprint") for r in records]
+    timings = {str(k): float(v) for k, v in (doc.get("timings_s") or {}).items()}
+    return StepOutcome(pool, results, fingerprints, timings)
+
+
+def failed_step(
+    pool: str, planned: list[PlannedRecipe], reason: str, hardware: Hardware, has_labels: bool, policy: Policy
+) -> StepOutcome:
+    """A pool that returned nothing usable fails its recipes with the reason; the other pools' candidates go on."""
+    results: list[CandidateResult] = []
+    seen: set[str] = set()
+    for item in planned:
+        if item.recipe is not None:
+            results.append(failed_result(item.recipe, reason, hardware, has_labels, policy))
+        elif item.backend not in seen:
+            recipe = Recipe.make(item.backend, "(step failed)", "none")
+            results.append(failed_result(recipe, reason, hardware, has_labels, policy))
+        seen.add(item.backend)
+    return StepOutcome(pool, results)
