@@ -480,7 +480,7 @@ def webhooks_register(
 
 @stack_app.command("up")
 def stack_up(config: ConfigOption = None) -> None:
-    """Start MLflow (PostgreSQL), Prefect (PostgreSQL), the bridge and a worker on 127.0.0.1; return once all answer."""
+    """Start MLflow and Prefect (PostgreSQL), the bridge and a worker per CPU pool on 127.0.0.1, until all answer."""
     from quantgate.automation import stack
 
     _quiet_libraries()
@@ -491,6 +491,8 @@ def stack_up(config: ConfigOption = None) -> None:
         raise _fail(str(exc), EXIT_INTERNAL) from None
     for name, url in state.urls.items():
         out.print(f"{name:8} {url}")
+    workers = [name for name in state.processes if name.startswith("worker")]
+    out.print(f"workers  {', '.join(workers)}")
     out.print(f"logs and state in {settings.home}; stop with `make stack-down`")
 
 

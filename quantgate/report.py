@@ -230,6 +230,25 @@ def _hardware_text(hw: Mapping[str, Any]) -> str:
     )
 
 
+def _measured_on(doc: Doc, cand: Mapping[str, Any]) -> str:
+    """The host a candidate was measured on: this run's, or a target pool worker's (from its hardware check)."""
+    here = (doc.get("hardware") or {}).get("fingerprint")
+    check = next((c for c in _checks(cand) if c.get("name") == "hardware"), None)
+    if check is not None and cand.get("hardware_fingerprint") != here:
+        return str(check.get("detail")).removeprefix("measured on ")
+    return _hardware_text(doc.get("hardware") or {})
+
+
+def _remote(doc: Doc) -> list[tuple[str, str]]:
+    """(candidate, where) for every candidate a target pool's worker measured."""
+    here = (doc.get("hardware") or {}).get("fingerprint")
+    return [
+        (_label(c), _measured_on(doc, c))
+        for c in _candidates(doc)
+        if c.get("hardware_fingerprint") not in (None, here) and any(x.get("name") == "hardware" for x in _checks(c))
+    ]
+
+
 def _libraries_text(hw: Mapping[str, Any]) -> str:
     parts = [f"{k} {v}" for k, v in (hw.get("libraries") or {}).items()]
     if hw.get("python"):
@@ -263,7 +282,7 @@ def _outcome_text(doc: Doc) -> str:
         n = len(_candidates(doc))
         return f"No candidate passed the gate ({n} tried); nothing was promoted. Measured on {hw}."
     where = f" as {winner['registered_uri']}" if winner.get("registered_uri") else ""
-    return f"Promoted {_label(winner)}{where}: {_headline(winner)}. Measured on {hw}."
+    return f"Promoted {_label(winner)}{where}: {_headline(winner)}. Measured on {_measured_on(doc, winner)}."
 
 
 def _losers(doc: Doc) -> list[tuple[str, str]]:
@@ -338,6 +357,10 @@ def markdown_report(doc: Doc) -> str:
         lines += [f"- **{_md(label)}**: {_md(why)}" for label, why in losers] + [""]
     hw = doc.get("hardware") or {}
     lines += ["## Hardware", "", _md(_hardware_text(hw)), ""]
+    remote = _remote(doc)
+    if remote:
+        lines += ["Measured by target pool workers:", ""]
+        lines += [f"- **{_md(label)}**: {_md(where)}" for label, where in remote] + [""]
     if _libraries_text(hw):
         lines += [f"Libraries: {_md(_libraries_text(hw))}", ""]
     lines += ["## Run", "", f"- policy hash: `{_md(doc.get('policy_hash'))}`", f"- flavor: {_md(doc.get('flavor'))}"]
@@ -364,7 +387,7 @@ def summary_markdown(doc: Doc, candidate: Mapping[str, Any]) -> str:
         [str(c.get("name")), "pass" if c.get("passed") else "FAIL", str(c.get("detail"))] for c in _checks(candidate)
     ]
     lines += [*_md_table(["check", "result", "detail"], checks), ""]
-    lines += [f"Hardware: {_md(_hardware_text(doc.get('hardware') or {}))}", ""]
+    lines += [f"Hardware: {_md(_measured_on(doc, candidate))}", ""]
     lines.append(f"Policy hash `{_md(doc.get('policy_hash'))}`, recipe hash `{_md(candidate.get('recipe_hash'))}`.")
     return "\n".join(lines) + "\n"
 

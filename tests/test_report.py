@@ -281,3 +281,20 @@ def test_host_notes_say_when_the_cpu_has_no_int8_dot_product() -> None:
     assert result(("avx2", "avx512_vnni")).host_notes == []
     notes = result(("avx2",)).to_document()["host_notes"]
     assert isinstance(notes, list) and len(notes) == 1 and "no VNNI/AMX" in notes[0]
+
+
+def test_a_candidate_measured_in_a_target_pool_says_where(doc: dict[str, Any]) -> None:
+    gpu_host = Hardware("AMD EPYC 7R13", "x86_64", 16, ("avx2",), gpus=("NVIDIA H100 80GB HBM3",))
+    where = f"AMD EPYC 7R13 (16 cores, NVIDIA H100 80GB HBM3), fingerprint {gpu_host.fingerprint()}"
+    winner = doc["candidates"][2]
+    winner["hardware_fingerprint"] = gpu_host.fingerprint()
+    winner["checks"].append(
+        {"name": "hardware", "passed": True, "detail": f"measured on {where}: meets the requirements of pool gpu"}
+    )
+    md = report.markdown_report(doc)
+    assert f"Measured on {where}" in md  # the outcome line names the winner's host, not this run's
+    assert "Measured by target pool workers:" in md and "openvino/int8-ptq" in md.split("target pool workers:")[1]
+    assert f"Hardware: {where}" in report.summary_markdown(doc, winner)
+    # Candidates measured here keep this run's hardware.
+    assert "Intel(R) Xeon(R) Platinum 8480+" in report.summary_markdown(doc, doc["candidates"][1])
+    assert any(r.get("hardware_check") == "pass" for r in report.comparison_rows(doc))

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from quantgate.errors import PolicyError
-from quantgate.policy import Policy, load_policy, parse_policy, read_yaml, validation_message
+from quantgate.policy import Policy, TargetPolicy, load_policy, parse_policy, read_yaml, validation_message
 
 DATA_TAGS = ("quantgate.calibration", "quantgate.evaluation")
 MANAGED_TAG = "quantgate.managed"
@@ -32,6 +32,12 @@ class NightlyConfig(_Strict):
 class PoolConfig(_Strict):
     name: str = Field(default="cpu-x86", pattern=r"^[A-Za-z0-9_.-]{1,100}$")
     concurrency_limit: int | None = Field(default=2, ge=1, description="compression runs at once in this pool")
+
+
+class StepPoolConfig(_Strict):
+    concurrency_limit: int | None = Field(
+        default=1, ge=1, description="steps at once in this target pool (1: a measurement has the hardware alone)"
+    )
 
 
 class Rule(_Strict):
@@ -53,6 +59,9 @@ class AutomationConfig(_Strict):
     tracking_uri: str | None = None
     nightly: NightlyConfig = NightlyConfig()
     pool: PoolConfig = PoolConfig()
+    step_pools: dict[str, StepPoolConfig] = Field(
+        default_factory=dict, description="limits of the target pools the rules' policies name (default: 1 at once)"
+    )
     rules: tuple[Rule, ...] = (Rule(),)
     base_dir: Path = Field(default=Path("."), exclude=True)  # where relative policy paths are resolved
 
@@ -63,6 +72,17 @@ class AutomationConfig(_Strict):
         ]
         data: dict[str, Any] = self.model_copy(update={"rules": tuple(rules)}).model_dump(mode="json")
         return data
+
+    def target_pools(self) -> dict[str, list[TargetPolicy]]:
+        """Every target pool any rule's policy sends a backend to, with the targets that name it."""
+        out: dict[str, list[TargetPolicy]] = {}
+        for rule in self.rules:
+            for target in self.policy_for(rule).targets.values():
+                out.setdefault(target.pool, []).append(target)
+        return out
+
+    def step_limit(self, pool: str) -> int | None:
+        return self.step_pools[pool].concurrency_limit if pool in self.step_pools else 1
 
     def policy_for(self, rule: Rule) -> Policy:
         if rule.policy is None:
@@ -81,9 +101,12 @@ def load_config(path: Path | None) -> AutomationConfig:
     if not isinstance(raw, dict):
         raise PolicyError(f"invalid automation config {path.name}: expected a mapping at the top level")
     try:
-        return AutomationConfig.model_validate({**raw, "base_dir": path.parent.resolve()})
+        config = AutomationConfig.model_validate({**raw, "base_dir": path.parent.resolve()})
     except ValidationError as exc:
         raise PolicyError(validation_message("automation config", path.name, exc)) from None
+    for rule in config.rules:  # a rule's bad policy is an error now, not at the first webhook that selects it
+        config.policy_for(rule)
+    return config
 
 
 def select(

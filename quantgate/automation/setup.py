@@ -8,6 +8,7 @@ from typing import Any
 from quantgate.automation.config import AutomationConfig
 from quantgate.automation.webhooks import HANDLED_KINDS
 from quantgate.registry import all_pages
+from quantgate.targets import deployment_name
 
 log = logging.getLogger("quantgate.automation")
 
@@ -38,11 +39,12 @@ def ensure_pool(name: str, concurrency_limit: int | None) -> None:
 
 
 def deploy(config: AutomationConfig, tracking_uri: str) -> list[str]:
-    """Create or update the ``compress-model`` and ``nightly`` deployments in the configured pool."""
+    """Create or update the ``compress-model`` and ``nightly`` deployments in the configured pool, and a
+    ``compress-step/<pool>`` deployment in each target pool the rules' policies name."""
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
 
-    from quantgate.flows.compress import compress_model
+    from quantgate.flows.compress import compress_model, compress_step
     from quantgate.flows.nightly import nightly
 
     pool = config.pool.name
@@ -70,6 +72,17 @@ def deploy(config: AutomationConfig, tracking_uri: str) -> list[str]:
         applied: Any = deployment.apply(work_pool_name=pool)  # sync outside an event loop
         ids.append(str(applied))
     log.info("deployments compress-model/compress-model and nightly/nightly in work pool %s", pool)
+    for target_pool in config.target_pools():
+        ensure_pool(target_pool, config.step_limit(target_pool))
+        step: Any = compress_step.to_deployment(
+            name=target_pool,
+            work_pool_name=target_pool,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+            description=f"Compress and validate one run's backends on the hardware of pool {target_pool}",
+            tags=["quantgate", "step"],
+        )
+        ids.append(str(step.apply(work_pool_name=target_pool)))
+        log.info("deployment %s in work pool %s", deployment_name(target_pool), target_pool)
     return ids
 
 

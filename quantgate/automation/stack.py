@@ -1,8 +1,9 @@
 """The whole automation topology as plain processes on 127.0.0.1 (what `make stack` runs, and the integration test).
 
 MLflow server on its own PostgreSQL database (artifacts proxied), Prefect server on another PostgreSQL database,
-the webhook bridge, one process worker for the configured CPU pool, the deployments, and the MLflow webhook
-pointing at the bridge. ``down`` stops exactly the processes ``up`` started (their ids are in the state file).
+the webhook bridge, one process worker for the compression pool and one per CPU target pool, the deployments, and
+the MLflow webhook pointing at the bridge. ``down`` stops exactly the processes ``up`` started (their ids are in
+the state file).
 """
 
 from __future__ import annotations
@@ -236,15 +237,10 @@ def up(settings: StackSettings) -> StackState:
         )
         if deployed.returncode != 0:
             raise StackError(f"quantgate deploy failed: {deployed.stderr.strip() or deployed.stdout.strip()}")
-        pool = _pool_name(settings)
         # One run at a time per worker: two runs on the same cores would disturb each other's latency figures.
-        _start(
-            settings,
-            state,
-            "worker",
-            [_bin("prefect"), "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"],
-            env,
-        )
+        for name, pool in _worker_pools(settings).items():
+            argv = [_bin("prefect"), "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"]
+            _start(settings, state, name, argv, env)
 
         start_bridge(settings, state)
 
@@ -306,10 +302,16 @@ def restart_mlflow(settings: StackSettings) -> None:
     _wait(settings, state, "mlflow", settings.mlflow_url + "/health")
 
 
-def _pool_name(settings: StackSettings) -> str:
+def _worker_pools(settings: StackSettings) -> dict[str, str]:
+    """Process name -> pool: the compression pool, then every CPU target pool (a GPU pool needs a GPU worker)."""
     from quantgate.automation.config import load_config
 
-    return load_config(settings.config).pool.name
+    config = load_config(settings.config)
+    out = {"worker": config.pool.name}
+    for pool, wanted in config.target_pools().items():
+        if pool != config.pool.name and all(t.requires.gpu is None for t in wanted):
+            out[f"worker-{pool}"] = pool
+    return out
 
 
 def stop(state: StackState) -> None:

@@ -236,12 +236,13 @@ def test_store_claims_are_exclusive_across_processes(tmp_path: Path) -> None:
     db = tmp_path / "shared.sqlite"
     DeliveryStore(db)
     ids = [f"id-{i}" for i in range(100)]
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: forking a test process that already runs other tests' threads (Prefect's) is unsafe.
+    ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_claim_all, args=(str(db), ids, str(tmp_path / f"won-{n}"))) for n in range(4)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(20)
+        p.join(60)
         assert p.exitcode == 0
     won = [line for n in range(4) for line in (tmp_path / f"won-{n}").read_text().split("\n") if line]
     assert sorted(won) == sorted(ids)  # every id claimed, none twice

@@ -26,6 +26,7 @@ from mlflow import MlflowClient
 
 from quantgate.automation import stack
 from quantgate.automation.webhooks import sign
+from quantgate.hardware import ISA_FLAGS, detect
 from tests.conftest import FAST_LATENCY, register_onnx
 from tests.integration.conftest import _free_port
 
@@ -33,6 +34,8 @@ pytestmark = pytest.mark.slow
 
 SOURCE = "auto-digits"
 COMPRESSED = "auto-digits-onnxruntime-int8"
+ROUTED = "routed-digits"
+ORT_RECIPE = "int8-static-qdq-minmax-perchannel"
 
 
 def _postgres_up() -> bool:
@@ -51,20 +54,26 @@ def running(tmp_path_factory: pytest.TempPathFactory, calib_npz: Path, eval_npz:
         pytest.skip("PostgreSQL is not answering on 127.0.0.1:5432 (the stack needs it; see README)")
     home = tmp_path_factory.mktemp("stack")
     config = home / "automation.yaml"
+    pool = f"qgtest-{uuid.uuid4().hex[:6]}"
+    fast = {"data": {"calibration_samples": 128}, "latency": FAST_LATENCY, "gate": {"min_speedup": 1.0}}
+    here = detect()
+    lacking = next(f for f in ISA_FLAGS if f not in here.isa_flags)
+    routed = {
+        "backends": ["onnxruntime", "openvino"],
+        "recipes": [ORT_RECIPE, "int8-ptq-performance"],
+        "targets": {  # two CPU target pools on this one machine; the second asks for a CPU feature it lacks
+            "openvino": {"pool": f"{pool}-ov", "requires": {"arch": here.arch, "isa": list(here.isa_flags[:1])}},
+            "onnxruntime": {"pool": f"{pool}-ort", "requires": {"isa": [lacking]}},
+        },
+        **fast,
+    }
     config.write_text(
         yaml.safe_dump(
             {
-                "pool": {"name": f"qgtest-{uuid.uuid4().hex[:6]}", "concurrency_limit": 2},
+                "pool": {"name": pool, "concurrency_limit": 2},
                 "rules": [
-                    {
-                        "name": "auto-*",
-                        "policy": {
-                            "recipes": ["int8-static-qdq-minmax-perchannel"],
-                            "data": {"calibration_samples": 128},
-                            "latency": FAST_LATENCY,
-                            "gate": {"min_speedup": 1.0},
-                        },
-                    }
+                    {"name": "auto-*", "policy": {"recipes": [ORT_RECIPE], **fast}},
+                    {"name": f"{ROUTED}*", "policy": routed},
                 ],
             }
         )
@@ -96,13 +105,18 @@ def _until(what: str, check: Callable[[], Any], timeout_s: float, settings: stac
     pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}; worker log ends:\n{worker_log}")
 
 
-def _flow_runs(settings: stack.StackSettings, model_uri: str) -> list[dict[str, Any]]:
+def _flow_runs(settings: stack.StackSettings, model_uri: str, steps: bool = False) -> list[dict[str, Any]]:
+    """The compress-model runs of a version (``steps``: its compress-step runs instead)."""
     request = urllib.request.Request(
         settings.prefect_api + "/flow_runs/filter", b"{}", {"Content-Type": "application/json"}
     )
     with urllib.request.urlopen(request, timeout=10) as resp:
         runs: list[dict[str, Any]] = json.loads(resp.read())
-    return [r for r in runs if r.get("parameters", {}).get("model_uri") == model_uri]
+    return [
+        r
+        for r in runs
+        if r.get("parameters", {}).get("model_uri") == model_uri and ("pool" in r["parameters"]) == steps
+    ]
 
 
 def _compressed_from(client: MlflowClient, version: str) -> list[Any]:
@@ -113,17 +127,19 @@ def _compressed_from(client: MlflowClient, version: str) -> list[Any]:
     ]
 
 
-def _promoted(client: MlflowClient, version: str) -> bool:
-    return client.get_model_version(SOURCE, version).tags.get("quantgate.outcome") == "promoted"
+def _promoted(client: MlflowClient, version: str, name: str = SOURCE) -> bool:
+    return client.get_model_version(name, version).tags.get("quantgate.outcome") == "promoted"
 
 
-def _register(settings: stack.StackSettings, digits_onnx: Path, calib: Path, evaluation: Path) -> str:
+def _register(
+    settings: stack.StackSettings, digits_onnx: Path, calib: Path, evaluation: Path, name: str = SOURCE
+) -> str:
     """A new source version through the plain MLflow client: log + register, then the data tags."""
-    uri = register_onnx(settings.mlflow_url, digits_onnx, SOURCE)
+    uri = register_onnx(settings.mlflow_url, digits_onnx, name)
     version = uri.rsplit("/", 1)[1]
     client = MlflowClient(settings.mlflow_url)
-    client.set_model_version_tag(SOURCE, version, "quantgate.calibration", str(calib))
-    client.set_model_version_tag(SOURCE, version, "quantgate.evaluation", str(evaluation))
+    client.set_model_version_tag(name, version, "quantgate.calibration", str(calib))
+    client.set_model_version_tag(name, version, "quantgate.evaluation", str(evaluation))
     return version
 
 
@@ -242,3 +258,43 @@ def test_a_run_rides_out_an_mlflow_server_restart(
     )
     assert _promoted(client, version)
     assert len(_compressed_from(client, version)) == 1
+
+
+def test_each_backend_is_measured_in_its_target_pool_and_results_from_the_wrong_hardware_are_refused(
+    running: stack.StackSettings, mlflow_at: MlflowClient, digits_onnx: Path, calib_npz: Path, eval_npz: Path
+) -> None:
+    client = mlflow_at
+    version = _register(running, digits_onnx, calib_npz, eval_npz, name=ROUTED)
+    uri = f"models:/{ROUTED}/{version}"
+    _until("the routed run to promote", lambda: _promoted(client, version, ROUTED), 300, running)
+    _until(
+        "the routed run to complete",
+        lambda: [r["state_type"] for r in _flow_runs(running, uri)] == ["COMPLETED"],
+        120,
+        running,
+    )
+
+    (parent,) = _flow_runs(running, uri)
+    steps = _flow_runs(running, uri, steps=True)
+    assert running.config is not None
+    targets = yaml.safe_load(running.config.read_text())["rules"][1]["policy"]["targets"]
+    by_pool = {r["parameters"]["pool"]: r for r in steps}
+    # One step per target pool, each picked up by that pool's own worker.
+    assert len(steps) == 2 and sorted(by_pool) == sorted(t["pool"] for t in targets.values())
+    assert all(r["work_pool_name"] == name for name, r in by_pool.items())
+    assert all(r["state_type"] == "COMPLETED" for r in [parent, *steps])
+    assert all(r["parent_task_run_id"] for r in steps)  # shown under the parent run in the Prefect UI
+
+    source = client.get_model_version(ROUTED, version)
+    parent_run = client.get_run(source.tags["quantgate.last_run_id"])
+    listed = {a.path for a in client.list_artifacts(parent_run.info.run_id, "steps")}
+    assert listed == {f"steps/{name}.json" for name in by_pool}
+    result = json.loads(Path(client.download_artifacts(parent_run.info.run_id, "result.json")).read_text())
+    cands = {c["backend"]: c for c in result["candidates"]}
+    ov, ort = cands["openvino"], cands["onnxruntime"]
+    assert ov["promoted"] and ov["checks"][-1]["name"] == "hardware" and ov["checks"][-1]["passed"]
+    assert not ort["passed"] and "refused for pool" in ort["reasons"][-1] and "CPU lacks" in ort["reasons"][-1]
+    assert ort["registered_uri"] is None and ort["all_metrics"]["speedup"] > 0  # measured, then refused
+    alias = client.get_model_version_by_alias(f"{ROUTED}-openvino-int8", "compressed")
+    assert alias.tags["quantgate.source_version"] == version
+    assert client.search_registered_models(f"name = '{ROUTED}-onnxruntime-int8'") == []
