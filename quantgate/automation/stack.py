@@ -164,6 +164,24 @@ def _wait(settings: StackSettings, state: StackState, name: str, url: str, timeo
     raise StackError(f"{name} did not answer at {url}; its log ({settings.home / (name + '.log')}) ends:\n{tail}")
 
 
+def _wait_worker(settings: StackSettings, state: StackState, name: str, pool: str, timeout_s: float = 120) -> None:
+    """Until the Prefect server lists an online worker in ``pool`` (a worker has no health URL of its own)."""
+    url = f"{settings.prefect_api}/work_pools/{pool}/workers/filter"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _alive(state.processes[name]):
+        request = urllib.request.Request(url, b"{}", {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                if any(w.get("status") == "ONLINE" for w in json.loads(resp.read())):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    log = settings.home / f"{name}.log"
+    tail = log.read_text(errors="replace")[-1500:]
+    raise StackError(f"{name} did not come online in pool {pool}; its log ({log}) ends:\n{tail}")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -238,7 +256,8 @@ def up(settings: StackSettings) -> StackState:
         if deployed.returncode != 0:
             raise StackError(f"quantgate deploy failed: {deployed.stderr.strip() or deployed.stdout.strip()}")
         # One run at a time per worker: two runs on the same cores would disturb each other's latency figures.
-        for name, pool in _worker_pools(settings).items():
+        workers = _worker_pools(settings)
+        for name, pool in workers.items():
             argv = [_bin("prefect"), "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"]
             _start(settings, state, name, argv, env)
 
@@ -250,6 +269,8 @@ def up(settings: StackSettings) -> StackState:
 
         hook_url = settings.bridge_url + "/webhooks/mlflow"
         register_webhook(MlflowClient(settings.mlflow_url), hook_url, webhook_secret(settings))
+        for name, pool in workers.items():
+            _wait_worker(settings, state, name, pool)
     except BaseException:
         stop(state)
         (settings.home / STATE).unlink(missing_ok=True)

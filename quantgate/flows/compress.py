@@ -214,8 +214,17 @@ def start_step_task(pool: str, parameters: dict[str, Any], key: str) -> dispatch
     return dispatch.start(pool, parameters, key)
 
 
-@task(name="collect-step", task_run_name="collect-step-{step.pool}", cache_policy=NO_CACHE, persist_result=False)
-def collect_step_task(
+@task(name="wait-step", task_run_name="wait-step-{step.pool}", cache_policy=NO_CACHE, persist_result=False)
+def wait_step_task(step: dispatch.StepRun, deadline: float) -> str | None:
+    return dispatch.wait(step, deadline)
+
+
+@task(name="read-step", task_run_name="read-step-{pool}", cache_policy=NO_CACHE, persist_result=False, **_MLFLOW_RETRY)
+def read_step_task(tracking_uri: str, parent_id: str, pool: str) -> dict[str, Any]:
+    return tracking.read_step(registry.connect(tracking_uri), parent_id, pool)
+
+
+def _collect_step(
     step: dispatch.StepRun,
     deadline: float,
     tracking_uri: str,
@@ -226,11 +235,10 @@ def collect_step_task(
     policy: Policy,
 ) -> targets.StepOutcome:
     """Wait for one pool's step and rebuild its candidates; a step that failed fails only its own recipes."""
-    why = dispatch.wait(step, deadline)
+    why = wait_step_task(step, deadline)
     if why is None:
         try:
-            doc = tracking.read_step(registry.connect(tracking_uri), parent_id, step.pool)
-            return targets.read_step_document(step.pool, doc)
+            return targets.read_step_document(step.pool, read_step_task(tracking_uri, parent_id, step.pool))
         except Exception as exc:  # any unreadable result is that pool's failure, reported as such
             why = f"the step in pool {step.pool} completed but its results could not be read: {exc}"
     return targets.failed_step(step.pool, planned, why, hardware, has_labels, policy)
@@ -305,7 +313,7 @@ def run_compression(
         for step, deadline in steps:
             mine = [p for p in planned if p.backend in remote[step.pool]]
             assert parent_id is not None
-            outcome = collect_step_task(step, deadline, tracking_uri, parent_id, mine, hardware, has_labels, policy)
+            outcome = _collect_step(step, deadline, tracking_uri, parent_id, mine, hardware, has_labels, policy)
             results.extend(outcome.checked(policy))
             compress_s += outcome.timings.get("compress_s", 0.0)
             validate_s += outcome.timings.get("validate_s", 0.0)
