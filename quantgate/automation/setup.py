@@ -44,8 +44,9 @@ def deploy(config: AutomationConfig, tracking_uri: str) -> list[str]:
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
 
-    from quantgate.flows.compress import compress_model, compress_step
+    from quantgate.flows.compress import compress_model
     from quantgate.flows.nightly import nightly
+    from quantgate.flows.step import compress_step
 
     pool = config.pool.name
     ensure_pool(pool, config.pool.concurrency_limit)

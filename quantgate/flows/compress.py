@@ -43,16 +43,16 @@ def _tracking_unreachable(task: Any, task_run: Any, state: Any) -> bool:
 
 
 # Steps that talk to MLflow survive a tracking-server restart of up to about a minute.
-_MLFLOW_RETRY: dict[str, Any] = {"retries": 4, "retry_delay_seconds": 15, "retry_condition_fn": _tracking_unreachable}
+MLFLOW_RETRY: dict[str, Any] = {"retries": 4, "retry_delay_seconds": 15, "retry_condition_fn": _tracking_unreachable}
 
 
-@task(name="resolve", cache_policy=NO_CACHE, persist_result=False, **_MLFLOW_RETRY)
+@task(name="resolve", cache_policy=NO_CACHE, persist_result=False, **MLFLOW_RETRY)
 def resolve_task(model_uri: str, tracking_uri: str) -> registry.SourceVersion:
     client = registry.connect(tracking_uri)
     return registry.resolve(client, registry.parse_model_uri(model_uri))
 
 
-@task(name="intake", cache_policy=NO_CACHE, persist_result=False, **_MLFLOW_RETRY)
+@task(name="intake", cache_policy=NO_CACHE, persist_result=False, **MLFLOW_RETRY)
 def intake_task(source: registry.SourceVersion, workdir: Path) -> Intake:
     return pipeline.intake(source, workdir)
 
@@ -105,7 +105,7 @@ def gate_task(results: list[CandidateResult]) -> CandidateResult | None:
     return pipeline.promote(results)
 
 
-@task(name="register", cache_policy=NO_CACHE, persist_result=False, **_MLFLOW_RETRY)
+@task(name="register", cache_policy=NO_CACHE, persist_result=False, **MLFLOW_RETRY)
 def register_task(
     tracking_uri: str,
     result: CompressionResult,
@@ -139,7 +139,7 @@ def publish_task(doc: dict[str, Any]) -> None:
     )
 
 
-class _Clock:
+class Clock:
     """Wall time per step, reported in the result so pipeline overhead can be told from the work."""
 
     def __init__(self) -> None:
@@ -157,7 +157,7 @@ class _Clock:
         return time.perf_counter() - self._start
 
 
-def _run_candidates(
+def run_candidates(
     planned: list[PlannedRecipe],
     taken: Intake,
     data: DataSets,
@@ -201,7 +201,7 @@ def _run_candidates(
     return results, compress_s, validate_s
 
 
-@task(name="start-parent-run", cache_policy=NO_CACHE, persist_result=False, **_MLFLOW_RETRY)
+@task(name="start-parent-run", cache_policy=NO_CACHE, persist_result=False, **MLFLOW_RETRY)
 def start_parent_task(
     tracking_uri: str, source: registry.SourceVersion, policy: Policy, hardware: Hardware, data: DataSets
 ) -> str:
@@ -219,7 +219,7 @@ def wait_step_task(step: dispatch.StepRun, deadline: float) -> str | None:
     return dispatch.wait(step, deadline)
 
 
-@task(name="read-step", task_run_name="read-step-{pool}", cache_policy=NO_CACHE, persist_result=False, **_MLFLOW_RETRY)
+@task(name="read-step", task_run_name="read-step-{pool}", cache_policy=NO_CACHE, persist_result=False, **MLFLOW_RETRY)
 def read_step_task(tracking_uri: str, parent_id: str, pool: str) -> dict[str, Any]:
     return tracking.read_step(registry.connect(tracking_uri), parent_id, pool)
 
@@ -280,7 +280,7 @@ def run_compression(
     Backends with a target pool (``policy.targets``) other than the pool this run is in are compressed and measured
     by a step flow run in their pool, started before the local candidates and gated here with them.
     """
-    clock = _Clock()
+    clock = Clock()
     source = resolve_task(model_uri, tracking_uri)
     clock.lap("resolve")
     taken = intake_task(source, workdir)
@@ -306,7 +306,7 @@ def run_compression(
         steps = _start_steps(remote, source, data, policy, tracking_uri, parent_id) if parent_id else []
         routed = {b for backends in remote.values() for b in backends}
         local = [p for p in planned if p.backend not in routed]
-        results, compress_s, validate_s = _run_candidates(local, taken, data, policy, hardware, workdir, validators)
+        results, compress_s, validate_s = run_candidates(local, taken, data, policy, hardware, workdir, validators)
         results = targets.check_targets(results, policy)
         clock.lap("candidates")
         has_labels = data.evaluation.has_labels
@@ -356,50 +356,6 @@ def _close_failed(tracking_uri: str, parent_id: str) -> None:
         log.warning("could not mark MLflow run %s failed: %s", parent_id, exc)
 
 
-def run_step(
-    model_uri: str,
-    policy: Policy,
-    tracking_uri: str,
-    parent_run_id: str,
-    pool: str,
-    backends: tuple[str, ...],
-    workdir: Path,
-) -> dict[str, Any]:
-    """One pool's share of a compression, on that pool's worker: compress and measure its backends' recipes here,
-    log them under the parent run, and leave the results there for the parent to gate. Registers nothing."""
-    from prefect.runtime import flow_run
-
-    clock = _Clock()
-    source = resolve_task(model_uri, tracking_uri)
-    taken = intake_task(source, workdir)
-    data = data_task(policy, source, taken.model, workdir)
-    hardware = detect()
-    planned = pipeline.plan(policy, taken.model, backends)
-    results, compress_s, validate_s = _run_candidates(
-        planned, taken, data, policy, hardware, workdir, load_validators()
-    )
-    timings = {"compress_s": compress_s, "validate_s": validate_s, "step_s": clock.total()}
-    doc = targets.step_document(pool, str(flow_run.id or "") or None, hardware, results, timings)
-    log_step_task(tracking_uri, parent_run_id, source.uri, results, taken.model, doc)
-    return {
-        "pool": pool,
-        "hardware": hardware.fingerprint(),
-        "candidates": [{"recipe": f"{r.backend}/{r.recipe.name}", "passed": r.passed} for r in results],
-    }
-
-
-@task(name="log-step", cache_policy=NO_CACHE, persist_result=False, **_MLFLOW_RETRY)
-def log_step_task(
-    tracking_uri: str,
-    parent_run_id: str,
-    source_uri: str,
-    results: list[CandidateResult],
-    model: ModelInfo,
-    doc: dict[str, Any],
-) -> None:
-    tracking.log_step(registry.connect(tracking_uri), parent_run_id, source_uri, results, model, doc)
-
-
 @flow(name="compress-model", persist_result=False, log_prints=False)
 def compress_model(
     model_uri: str,
@@ -417,22 +373,3 @@ def compress_model(
     with tempfile.TemporaryDirectory(prefix="quantgate-") as tmp:
         result = run_compression(model_uri, parsed, uri, Path(tmp), tag_failures=tag_failures)
     return result.to_document()
-
-
-@flow(name="compress-step", persist_result=False, log_prints=False)
-def compress_step(
-    model_uri: str,
-    policy: dict[str, Any],
-    tracking_uri: str,
-    parent_run_id: str,
-    pool: str,
-    backends: list[str],
-) -> dict[str, Any]:
-    """Compress and validate ``backends``' recipes on this target pool's hardware for a ``compress-model`` run.
-
-    Started by the parent run (one per pool, deployment ``compress-step/<pool>``); results go to the parent's
-    MLflow run, where the parent checks their hardware fingerprint against the target and gates them.
-    """
-    parsed = parse_policy(policy)
-    with tempfile.TemporaryDirectory(prefix="quantgate-step-") as tmp:
-        return run_step(model_uri, parsed, tracking_uri, parent_run_id, pool, tuple(backends), Path(tmp))

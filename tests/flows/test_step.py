@@ -11,7 +11,8 @@ import pytest
 from mlflow import MlflowClient
 
 from quantgate import pipeline, registry, targets, tracking
-from quantgate.flows.compress import compress_model, compress_step
+from quantgate.flows.compress import compress_model
+from quantgate.flows.step import compress_step
 from quantgate.hardware import detect
 from quantgate.intake import to_onnx
 from quantgate.policy import parse_policy
