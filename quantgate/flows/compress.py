@@ -330,6 +330,12 @@ def run_compression(
             experiment=policy.registry.experiment,
             tracking_uri=tracking_uri,
         )
+
+        def timings() -> dict[str, float]:
+            work = {"compress_s": compress_s, "validate_s": validate_s}
+            return {"flow_started_at": clock.started_at, "flow_s": clock.total(), **work, **clock.steps}
+
+        result.timings = timings()  # up to the gate: what result.json in MLflow records
         register_task(tracking_uri, result, policy, taken.model, data, parent_id)
     except BaseException:
         if parent_id is not None:  # record() closes the run itself; this covers failures before it
@@ -337,13 +343,7 @@ def run_compression(
         raise
     clock.lap("register")
     publish_task(result.to_document())
-    result.timings = {
-        "flow_started_at": clock.started_at,
-        "flow_s": clock.total(),
-        "compress_s": compress_s,
-        "validate_s": validate_s,
-        **clock.steps,
-    }
+    result.timings = timings()
     return result
 
 

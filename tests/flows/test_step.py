@@ -4,6 +4,7 @@ in its own work pool through a real worker."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,10 @@ def test_a_pool_without_a_step_deployment_fails_only_its_backend(
     assert ov["reasons"] == [
         "no deployment compress-step/cpu-test-step on the Prefect server: run `quantgate deploy` for pool cpu-test-step"
     ]
-    run = MlflowClient(tracking_uri).get_run(doc["parent_run_id"])
-    assert run.info.status == "FINISHED"
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(doc["parent_run_id"]).info.status == "FINISHED"
+    logged = json.loads(Path(client.download_artifacts(doc["parent_run_id"], "result.json")).read_text())
+    assert {"candidates_s", "steps_s", "compress_s"} <= set(logged["timings_s"])  # timed up to the gate
 
 
 def _parent(tracking_uri: str, uri: str, policy_doc: dict[str, Any]) -> tuple[Any, str, Any]:
