@@ -132,3 +132,27 @@ def select_recipes(backend: Backend, model: ModelInfo, wanted: Sequence[str] | N
     if wanted is None:
         return recipes
     return [r for r in recipes if r.name in set(wanted)]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages can run to pages), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def model_files(path: Path) -> tuple[Path, ...]:
+    """The .onnx file plus any external-data files it references (what a candidate's size counts)."""
+    import onnx
+
+    files = [path]
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # size is best-effort for the file list; validity is checked elsewhere
+        return tuple(files)
+    for init in proto.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                candidate = path.parent / entry.value
+                if candidate.exists() and candidate not in files:
+                    files.append(candidate)
+    return tuple(files)

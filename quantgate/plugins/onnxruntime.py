@@ -13,7 +13,16 @@ import onnx
 
 from quantgate.errors import BackendError
 from quantgate.model import ModelInfo
-from quantgate.plugins.base import Availability, Calibration, Candidate, Recipe, Runner, SettingValue
+from quantgate.plugins.base import (
+    Availability,
+    Calibration,
+    Candidate,
+    Recipe,
+    Runner,
+    SettingValue,
+    first_line,
+    model_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +74,10 @@ class OrtRunner:
         try:
             self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-            raise BackendError(f"onnxruntime cannot load {path.name}: {_first_line(exc)}") from exc
+            raise BackendError(f"onnxruntime cannot load {path.name}: {first_line(exc)}") from exc
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return list(self._session.run(None, dict(inputs)))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 class OnnxRuntimeBackend:
@@ -90,7 +94,7 @@ class OnnxRuntimeBackend:
         return list(RECIPES)
 
     def baseline(self, model: ModelInfo, workdir: Path) -> Candidate:
-        return Candidate(Recipe.make(NAME, "fp32", "fp32"), model.path, files=_model_files(model.path))
+        return Candidate(Recipe.make(NAME, "fp32", "fp32"), model.path, files=model_files(model.path))
 
     def compress(self, model: ModelInfo, recipe: Recipe, calib: Calibration, workdir: Path) -> Candidate:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -99,8 +103,8 @@ class OnnxRuntimeBackend:
             with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's calibrators print() progress
                 notes = self._build(model.path, out, workdir.parent, recipe.options, calib)
         except Exception as exc:  # quantization raises anything from ValueError to ORT's Fail
-            raise BackendError(f"{recipe.name} failed: {_first_line(exc)}") from exc
-        return Candidate(recipe, out, notes=notes, files=_model_files(out))
+            raise BackendError(f"{recipe.name} failed: {first_line(exc)}") from exc
+        return Candidate(recipe, out, notes=notes, files=model_files(out))
 
     def _build(
         self, src: Path, out: Path, shared: Path, opts: dict[str, SettingValue], calib: Calibration
@@ -108,7 +112,7 @@ class OnnxRuntimeBackend:
         if opts["kind"] == "fp16":
             self._fp16(src, out)
             return ()
-        prepared, notes = self._preprocess(src, shared)
+        prepared, notes = preprocess(src, shared)
         if opts["kind"] == "static":
             self._static(prepared, out, opts, calib)
         else:
@@ -119,31 +123,6 @@ class OnnxRuntimeBackend:
         return OrtRunner(candidate.artifact, threads)
 
     # -- recipe implementations -------------------------------------------------------------
-
-    def _preprocess(self, src: Path, workdir: Path) -> tuple[Path, tuple[str, ...]]:
-        """Shape inference + graph optimisation once per model; symbolic inference may fail on transformers."""
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        out = workdir / "preprocessed.onnx"
-        marker = workdir / "preprocessed.note"
-        if out.exists():
-            return out, tuple(marker.read_text().splitlines()) if marker.exists() else ()
-        dump_existed = _ORT_DEBUG_DUMP.exists()
-        try:
-            quant_pre_process(str(src), str(out))
-            notes: tuple[str, ...] = ()
-        except Exception as exc:  # "Incomplete symbolic shape inference" on transformer exports
-            if not dump_existed:
-                _remove_ort_debug_dump()
-            log.info("symbolic shape inference failed (%s); retrying without it", _first_line(exc))
-            try:
-                quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
-                notes = ("pre-processing ran without symbolic shape inference (it failed on this graph)",)
-            except Exception as exc2:
-                log.info("pre-processing failed (%s); quantizing the model as given", _first_line(exc2))
-                return src, ("pre-processing skipped: " + _first_line(exc2),)
-        marker.write_text("\n".join(notes))
-        return out, notes
 
     def _static(self, src: Path, out: Path, opts: dict[str, SettingValue], calib: Calibration) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -191,25 +170,36 @@ class OnnxRuntimeBackend:
 _ORT_DEBUG_DUMP = Path("sym_shape_infer_temp.onnx")
 
 
+def preprocess(src: Path, workdir: Path) -> tuple[Path, tuple[str, ...]]:
+    """Shape inference + graph optimisation once per model (cached in ``workdir``); symbolic inference may fail on
+    transformers, then it runs without it, then the model is used as given. Returns the model to quantize and notes."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = workdir / "preprocessed.onnx"
+    marker = workdir / "preprocessed.note"
+    if out.exists():
+        return out, tuple(marker.read_text().splitlines()) if marker.exists() else ()
+    dump_existed = _ORT_DEBUG_DUMP.exists()
+    try:
+        quant_pre_process(str(src), str(out))
+        notes: tuple[str, ...] = ()
+    except Exception as exc:  # "Incomplete symbolic shape inference" on transformer exports
+        if not dump_existed:
+            _remove_ort_debug_dump()
+        log.info("symbolic shape inference failed (%s); retrying without it", first_line(exc))
+        try:
+            quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
+            notes = ("pre-processing ran without symbolic shape inference (it failed on this graph)",)
+        except Exception as exc2:
+            log.info("pre-processing failed (%s); quantizing the model as given", first_line(exc2))
+            return src, ("pre-processing skipped: " + first_line(exc2),)
+    marker.write_text("\n".join(notes))
+    return out, notes
+
+
 def _remove_ort_debug_dump() -> None:
     if not _ORT_DEBUG_DUMP.exists():
         return
-    for extra in _model_files(_ORT_DEBUG_DUMP)[1:]:
+    for extra in model_files(_ORT_DEBUG_DUMP)[1:]:
         extra.unlink(missing_ok=True)
     _ORT_DEBUG_DUMP.unlink(missing_ok=True)
-
-
-def _model_files(path: Path) -> tuple[Path, ...]:
-    """The .onnx file plus any external-data files it references."""
-    files = [path]
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # size is best-effort for the file list; validity is checked elsewhere
-        return tuple(files)
-    for init in proto.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location":
-                candidate = path.parent / entry.value
-                if candidate.exists() and candidate not in files:
-                    files.append(candidate)
-    return tuple(files)

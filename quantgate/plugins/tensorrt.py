@@ -29,8 +29,7 @@ import numpy as np
 
 from quantgate.errors import BackendError, BackendUnavailable, NeedsTargetHardware, QuantgateError
 from quantgate.model import ModelInfo
-from quantgate.plugins.base import Availability, Calibration, Candidate, Recipe, Runner
-from quantgate.plugins.onnxruntime import _first_line, _model_files
+from quantgate.plugins.base import Availability, Calibration, Candidate, Recipe, Runner, first_line, model_files
 from quantgate.plugins.tensorrt_qdq import (
     TensorRtQdqError,
     check_tensorrt_qdq,
@@ -105,7 +104,7 @@ class TensorRtBackend:
         recipe = Recipe.make(NAME, "fp32", "fp32", tf32=False, **_PROFILE)
         if gpu is None:
             note = "FP32 ONNX: the FP32 TensorRT engine is built on an NVIDIA GPU worker"
-            return Candidate(recipe, model.path, notes=(note,), files=_model_files(model.path))
+            return Candidate(recipe, model.path, notes=(note,), files=model_files(model.path))
         workdir.mkdir(parents=True, exist_ok=True)
         engine = workdir / "fp32.engine"
         notes = _build_engine(gpu, model.path, engine, recipe, exact_fp32=True)
@@ -148,7 +147,7 @@ def _prepare(src: Path, out: Path, recipe: Recipe, calib: Calibration, shared: P
     except QuantgateError:  # DataError from the calibration reader stays an input error
         raise
     except Exception as exc:  # quantization raises anything from ValueError to ORT's Fail
-        raise BackendError(f"{recipe.name} failed: {_first_line(exc)}") from exc
+        raise BackendError(f"{recipe.name} failed: {first_line(exc)}") from exc
     violations = check_tensorrt_qdq(out)
     if violations:
         raise TensorRtQdqError(recipe.name, violations)
@@ -163,13 +162,13 @@ def _probe() -> tuple[_Gpu | None, Availability]:
     try:
         trt = importlib.import_module("tensorrt")
     except Exception as exc:  # ImportError, or OSError from a wheel whose libnvinfer is missing
-        return None, Availability(False, f"TensorRT is not installed ({_first_line(exc)})", INSTALL_HINT)
+        return None, Availability(False, f"TensorRT is not installed ({first_line(exc)})", INSTALL_HINT)
     cudart = _import_cudart()
     try:
         devices = _cuda_devices(cudart)
     except Exception as exc:  # a broken driver or CUDA install: say so, available() never raises
         return None, Availability(
-            False, f"no usable NVIDIA GPU: the CUDA query failed ({_first_line(exc)})", INSTALL_HINT
+            False, f"no usable NVIDIA GPU: the CUDA query failed ({first_line(exc)})", INSTALL_HINT
         )
     if not devices:
         return None, Availability(False, "no NVIDIA GPU found (nvidia-smi / CUDA device count 0)", INSTALL_HINT)

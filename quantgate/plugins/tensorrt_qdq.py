@@ -78,11 +78,11 @@ def make_tensorrt_qdq(
     outside Q/DQ are converted to FP16, with Cast nodes at the borders, which is how a strongly typed network learns
     to run them in FP16.
     """
-    from quantgate.plugins.onnxruntime import OnnxRuntimeBackend
+    from quantgate.plugins.onnxruntime import preprocess
 
     # onnxruntime's shape inference and calibrators print() progress and warnings
     with tempfile.TemporaryDirectory(prefix="quantgate-trt-") as tmp, contextlib.redirect_stdout(io.StringIO()):
-        prepared, notes = OnnxRuntimeBackend()._preprocess(src, prep_dir or Path(tmp))
+        prepared, notes = preprocess(src, prep_dir or Path(tmp))
         _quantize_static(prepared, out, calib)
     if fp16_fallback:
         notes = (*notes, _fp16_outside_qdq(out))
