@@ -197,8 +197,24 @@ def _configure_accuracy_control(backend: Backend, data: DataSets, policy: Policy
         metric, max_drop = "fidelity", 1.0 - gate_cfg.min_fidelity
     else:
         return  # nothing to control against: the recipe fails with its own reason
+    validation, caveat = accuracy_control_data(data, metric)
     ac = policy.accuracy_control
-    configure(data.evaluation, metric, max_drop, ac.time_budget_s, limit=ac.samples)
+    configure(validation, metric, max_drop, ac.time_budget_s, limit=ac.samples, caveat=caveat)
+
+
+def accuracy_control_data(data: DataSets, metric: str) -> tuple[NpzDataset, str]:
+    """What accuracy control tunes on, and what a reader must know about it.
+
+    Not the gate's evaluation set when avoidable: tuning on the samples the gate then scores makes the gate's
+    verdict on that candidate optimistic. Fidelity needs no labels, so the calibration set serves; top-1 needs
+    labels, so the calibration set serves only when it has them.
+    """
+    if metric == "fidelity" or data.calibration.has_labels:
+        return data.calibration, ""
+    return data.evaluation, (
+        "tuned on the evaluation samples the gate also scores (the calibration set has no labels), so its "
+        "accuracy check is optimistic; add a 'labels' array to the calibration data to keep them apart"
+    )
 
 
 def failed_result(recipe: Recipe, reason: str, hardware: Hardware, has_labels: bool, policy: Policy) -> CandidateResult:

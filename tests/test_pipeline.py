@@ -35,3 +35,21 @@ def test_a_recipe_that_cannot_run_here_fails_alone_with_the_reason(
     assert run.result.verdict.reasons == [
         "backend 'gpu-thing' is unavailable: needs an NVIDIA GPU worker (route it to the nvidia-gpu pool)"
     ]
+
+
+def test_accuracy_control_tunes_on_calibration_data_unless_top1_needs_labels_it_lacks(
+    calib_npz: Path, eval_npz: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    calib, evaluation = NpzDataset.open(calib_npz), NpzDataset.open(eval_npz)
+    plain = pipeline.DataSets(calib, evaluation, "c", "e")
+    assert pipeline.accuracy_control_data(plain, "fidelity") == (calib, "")
+    chosen, caveat = pipeline.accuracy_control_data(plain, "accuracy")
+    assert chosen is evaluation and "accuracy check is optimistic" in caveat
+
+    with np.load(eval_npz) as f:
+        np.savez(tmp_path / "labelled.npz", input=f["input"][:64], labels=f["labels"][:64])
+    labelled = NpzDataset.open(tmp_path / "labelled.npz")
+    apart = pipeline.DataSets(labelled, evaluation, "c", "e")
+    assert pipeline.accuracy_control_data(apart, "accuracy") == (labelled, "")

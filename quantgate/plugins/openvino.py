@@ -76,6 +76,7 @@ class AccuracyControl:
     max_drop: float
     time_budget_s: float
     limit: int | None = None
+    caveat: str = ""  # said in the candidate's notes, e.g. when it tunes on the gate's own samples
 
 
 class OpenVinoBackend:
@@ -103,12 +104,14 @@ class OpenVinoBackend:
         time_budget_s: float,
         *,
         limit: int | None = None,
+        caveat: str = "",
     ) -> None:
         """Give ``int8-accuracy-control`` its validation set, metric, allowed drop and wall-clock budget.
 
         ``metric="accuracy"``: top-1 of the first output against ``labels``; ``max_drop`` is absolute (0.01 = 1 point).
         ``metric="fidelity"``: mean cosine similarity of the first output to the FP32 model's; the FP32 model scores
-        1.0, so ``max_drop = 1 - min_fidelity``. ``limit`` caps the validation samples used.
+        1.0, so ``max_drop = 1 - min_fidelity``. ``limit`` caps the validation samples used; ``caveat`` is added to
+        the candidate's notes.
         """
         if metric not in ("accuracy", "fidelity"):
             raise ValueError(f"metric must be 'accuracy' or 'fidelity', got {metric!r}")
@@ -119,7 +122,7 @@ class OpenVinoBackend:
                 f"{validation.path.name} has no 'labels' array: accuracy control by top-1 needs labels; "
                 "use metric 'fidelity' instead"
             )
-        self._accuracy = AccuracyControl(validation, metric, max_drop, time_budget_s, limit)
+        self._accuracy = AccuracyControl(validation, metric, max_drop, time_budget_s, limit, caveat)
 
     def recipes(self, model: ModelInfo) -> list[Recipe]:
         """The same recipe names for every model, so a policy's recipe list never depends on the graph.
@@ -336,11 +339,12 @@ def _accuracy_controlled(
     drop = fp32_metric - final
     verdict = "within" if drop <= control.max_drop + 1e-12 else "NOT within"
     note = (
-        f"accuracy control on {len(samples)} samples by {control.metric}: {final:.4f} vs FP32 {fp32_metric:.4f} "
-        f"(drop {drop:.4f}, {verdict} max_drop {control.max_drop:g}) in {time.monotonic() - deadline.start:.1f} s"
+        f"accuracy control on {len(samples)} samples of {control.validation.path.name} by {control.metric}: "
+        f"{final:.4f} vs FP32 {fp32_metric:.4f} (drop {drop:.4f}, {verdict} max_drop {control.max_drop:g}) "
+        f"in {time.monotonic() - deadline.start:.1f} s"
     )
     log.info("%s", note)
-    return quantized, (data.describe(), note)
+    return quantized, (data.describe(), note, *((control.caveat,) if control.caveat else ()))
 
 
 def _restorer_args(args: dict[str, Any]) -> dict[str, Any]:

@@ -109,7 +109,8 @@ def test_every_recipe_builds_a_smaller_ir_that_stays_close_to_fp32(
     single = backend.runner(cand, threads=1).run(evaluation.take(1).inputs)[0]
     np.testing.assert_allclose(single, out[:1], rtol=1e-3, atol=1e-3)
     if name == "int8-accuracy-control":
-        assert any("accuracy control on 128 samples by accuracy" in n and "within max_drop" in n for n in cand.notes)
+        what = "accuracy control on 128 samples of evaluation.npz by accuracy"
+        assert any(what in n and "within max_drop" in n for n in cand.notes)
 
 
 def test_accuracy_control_stops_when_its_time_budget_is_spent(
