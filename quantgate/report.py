@@ -1,4 +1,4 @@
-"""Review material from a result document: tables, Markdown, PNG plots and one self-contained HTML page.
+"""Review material from a result document: tables, Markdown and one self-contained HTML page (plots: quantgate.plots).
 
 Everything here reads the JSON-able dict from ``CompressionResult.to_document()`` (or the same dict loaded back
 from ``result.json``), so a report can be rebuilt later from a logged artifact without the objects or MLflow.
@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import numpy as np
-
 if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
+    pass
 
 Doc = Mapping[str, Any]
 Row = dict[str, str | float | None]
@@ -38,13 +34,12 @@ _NUMERIC = (
     "baseline_latency_p50_ms",
 )
 _REFERENCE_BACKEND = "onnxruntime"
-_WIN, _PASS, _FAIL, _BASE = "#2e7d32", "#1f77b4", "#9e9e9e", "#37474f"
 
 
 # --- reading the document -------------------------------------------------------------------------------------------
 
 
-def _metric(cand: Mapping[str, Any], key: str) -> float | None:
+def metric(cand: Mapping[str, Any], key: str) -> float | None:
     """A finite number or None: NaN/inf would break the JSON that Prefect artifacts are stored as."""
     for source in (cand.get("all_metrics") or {}, cand.get("metrics") or {}):
         value = source.get(key)
@@ -53,11 +48,11 @@ def _metric(cand: Mapping[str, Any], key: str) -> float | None:
     return None
 
 
-def _candidates(doc: Doc) -> list[Mapping[str, Any]]:
+def candidates(doc: Doc) -> list[Mapping[str, Any]]:
     return list(doc.get("candidates") or [])
 
 
-def _label(cand: Mapping[str, Any]) -> str:
+def label(cand: Mapping[str, Any]) -> str:
     return f"{cand.get('backend', '?')}/{cand.get('recipe', '?')}"
 
 
@@ -65,12 +60,12 @@ def _verdict(cand: Mapping[str, Any]) -> str:
     return "PROMOTED" if cand.get("promoted") else ("passed" if cand.get("passed") else "failed")
 
 
-def _status(cand: Mapping[str, Any]) -> str:
+def status(cand: Mapping[str, Any]) -> str:
     return "win" if cand.get("promoted") else ("pass" if cand.get("passed") else "fail")
 
 
 def _winner(doc: Doc) -> Mapping[str, Any] | None:
-    return next((c for c in _candidates(doc) if c.get("promoted")), None)
+    return next((c for c in candidates(doc) if c.get("promoted")), None)
 
 
 def _checks(cand: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -79,7 +74,7 @@ def _checks(cand: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 def _check_names(doc: Doc) -> list[str]:
     names: dict[str, None] = {}
-    for cand in _candidates(doc):
+    for cand in candidates(doc):
         names.update((str(ch.get("name")), None) for ch in _checks(cand))
     return list(names)
 
@@ -99,11 +94,11 @@ def _check_result(cand: Mapping[str, Any], name: str) -> str:
     return ""
 
 
-def _baselines(doc: Doc) -> dict[str, Mapping[str, Any]]:
+def baselines(doc: Doc) -> dict[str, Mapping[str, Any]]:
     """The first measured candidate per backend: its baseline_* metrics describe that backend's FP32 run."""
     out: dict[str, Mapping[str, Any]] = {}
-    for cand in _candidates(doc):
-        if _metric(cand, "baseline_latency_p50_ms") is not None:
+    for cand in candidates(doc):
+        if metric(cand, "baseline_latency_p50_ms") is not None:
             out.setdefault(str(cand.get("backend")), cand)
     return out
 
@@ -128,17 +123,17 @@ def comparison_rows(doc: Doc) -> list[Row]:
     """
     checks = _check_names(doc)
     rows: list[Row] = []
-    bases = _baselines(doc)
+    bases = baselines(doc)
     ort = bases.get(_REFERENCE_BACKEND)
-    ort_p50 = _metric(ort, "baseline_latency_p50_ms") if ort is not None else None
+    ort_p50 = metric(ort, "baseline_latency_p50_ms") if ort is not None else None
     for backend, cand in bases.items():
-        p50 = _metric(cand, "baseline_latency_p50_ms")
+        p50 = metric(cand, "baseline_latency_p50_ms")
         row: Row = {"backend": backend, "recipe": "fp32-baseline", "verdict": "baseline"}
         row.update(dict.fromkeys(map(_check_column, checks), ""))
         row.update(dict.fromkeys(_NUMERIC))
-        acc = _metric(cand, "accuracy_baseline")
+        acc = metric(cand, "accuracy_baseline")
         # Measured side by side with the candidates when present; else the ratio of two separately timed baselines.
-        vs_ort = _metric(cand, "baseline_speedup_vs_ort_fp32")
+        vs_ort = metric(cand, "baseline_speedup_vs_ort_fp32")
         if vs_ort is None:
             vs_ort = ort_p50 / p50 if ort_p50 is not None and p50 else None
         row.update(
@@ -148,15 +143,15 @@ def comparison_rows(doc: Doc) -> list[Row]:
             speedup_vs_ort_fp32=1.0 if backend == _REFERENCE_BACKEND else vs_ort,
             size_ratio=1.0,
             latency_p50_ms=p50,
-            latency_p95_ms=_metric(cand, "baseline_latency_p95_ms"),
+            latency_p95_ms=metric(cand, "baseline_latency_p95_ms"),
             baseline_latency_p50_ms=p50,
             reason="",
         )
         rows.append(row)
-    for cand in _candidates(doc):
+    for cand in candidates(doc):
         row = {"backend": str(cand.get("backend")), "recipe": str(cand.get("recipe")), "verdict": _verdict(cand)}
         row.update({_check_column(name): _check_result(cand, name) for name in checks})
-        row.update({key: _metric(cand, key) for key in _NUMERIC})
+        row.update({key: metric(cand, key) for key in _NUMERIC})
         drop = row["accuracy_drop"]
         row["accuracy_drop"] = drop * 100 if isinstance(drop, float) else None
         reasons = _reasons(cand)
@@ -184,18 +179,18 @@ def _f(value: float | None, fmt: str, suffix: str = "") -> str:
 def _key_number(cand: Mapping[str, Any], check: str) -> str:
     """The one figure a reviewer wants next to a check's pass/FAIL."""
     if check == "accuracy":
-        drop = _metric(cand, "accuracy_drop")
+        drop = metric(cand, "accuracy_drop")
         return "" if drop is None else f"{drop * 100:.2f} pt drop"
     if check == "fidelity":
-        fid = _metric(cand, "fidelity")
+        fid = metric(cand, "fidelity")
         return "" if fid is None else f"{fid:.4f}"
     if check == "speedup":
-        s, lo, hi = (_metric(cand, k) for k in ("speedup", "speedup_ci_low", "speedup_ci_high"))
+        s, lo, hi = (metric(cand, k) for k in ("speedup", "speedup_ci_low", "speedup_ci_high"))
         if s is None:
             return ""
         return f"{s:.2f}x" + (f" [{lo:.2f}-{hi:.2f}]" if lo is not None and hi is not None else "")
     if check == "size":
-        size = _metric(cand, "size_ratio")
+        size = metric(cand, "size_ratio")
         return "" if size is None else f"{size:.2f} of FP32"
     return ""
 
@@ -203,20 +198,20 @@ def _key_number(cand: Mapping[str, Any], check: str) -> str:
 def _gate_table(doc: Doc) -> tuple[list[str], list[list[tuple[str, str]]]]:
     """Header and cells as (text, status); status drives colours in HTML and is dropped in Markdown."""
     checks = _check_names(doc)
-    show_ort = any(_metric(c, "speedup_vs_ort_fp32") is not None for c in _candidates(doc))
+    show_ort = any(metric(c, "speedup_vs_ort_fp32") is not None for c in candidates(doc))
     header = ["candidate", "verdict", *checks, "p50 ms (FP32)"] + (["vs ORT FP32"] if show_ort else [])
     body: list[list[tuple[str, str]]] = []
-    for cand in _candidates(doc):
-        cells = [(_label(cand), ""), (_verdict(cand), _status(cand))]
+    for cand in candidates(doc):
+        cells = [(label(cand), ""), (_verdict(cand), status(cand))]
         for name in checks:
             result = _check_result(cand, name)
             number = _key_number(cand, name)
             text = f"{result} ({number})" if result and number else result or "n/a"
             cells.append((text, {"pass": "pass", "FAIL": "fail"}.get(result, "")))
-        p50, base = _metric(cand, "latency_p50_ms"), _metric(cand, "baseline_latency_p50_ms")
+        p50, base = metric(cand, "latency_p50_ms"), metric(cand, "baseline_latency_p50_ms")
         cells.append((f"{_f(p50, '.3f')} ({_f(base, '.3f')})" if p50 is not None else "-", ""))
         if show_ort:
-            cells.append((_f(_metric(cand, "speedup_vs_ort_fp32"), ".2f", "x"), ""))
+            cells.append((_f(metric(cand, "speedup_vs_ort_fp32"), ".2f", "x"), ""))
         body.append(cells)
     return header, body
 
@@ -243,8 +238,8 @@ def _remote(doc: Doc) -> list[tuple[str, str]]:
     """(candidate, where) for every candidate a target pool's worker measured."""
     here = (doc.get("hardware") or {}).get("fingerprint")
     return [
-        (_label(c), _measured_on(doc, c))
-        for c in _candidates(doc)
+        (label(c), _measured_on(doc, c))
+        for c in candidates(doc)
         if c.get("hardware_fingerprint") not in (None, here) and any(x.get("name") == "hardware" for x in _checks(c))
     ]
 
@@ -259,18 +254,18 @@ def _libraries_text(hw: Mapping[str, Any]) -> str:
 def _headline(cand: Mapping[str, Any]) -> str:
     """Speed, size and quality of one candidate in one clause."""
     parts: list[str] = []
-    s, lo, hi = (_metric(cand, k) for k in ("speedup", "speedup_ci_low", "speedup_ci_high"))
+    s, lo, hi = (metric(cand, k) for k in ("speedup", "speedup_ci_low", "speedup_ci_high"))
     if s is not None:
         ci = f" (95% CI {lo:.2f}-{hi:.2f}x)" if lo is not None and hi is not None else ""
         parts.append(f"{s:.2f}x faster than FP32 on {cand.get('backend')}{ci}")
-    vs_ort = _metric(cand, "speedup_vs_ort_fp32")
+    vs_ort = metric(cand, "speedup_vs_ort_fp32")
     if vs_ort is not None:
         parts.append(f"{vs_ort:.2f}x vs ONNX Runtime FP32")
-    if (size := _metric(cand, "size_ratio")) is not None:
+    if (size := metric(cand, "size_ratio")) is not None:
         parts.append(f"{size:.2f} of the FP32 size")
-    if (drop := _metric(cand, "accuracy_drop")) is not None:
+    if (drop := metric(cand, "accuracy_drop")) is not None:
         parts.append(f"accuracy drop {drop * 100:.2f} points")
-    elif (fid := _metric(cand, "fidelity")) is not None:
+    elif (fid := metric(cand, "fidelity")) is not None:
         parts.append(f"fidelity {fid:.4f}")
     return ", ".join(parts) or "no measurements"
 
@@ -279,29 +274,29 @@ def _outcome_text(doc: Doc) -> str:
     winner = _winner(doc)
     hw = _hardware_text(doc.get("hardware") or {})
     if winner is None:
-        n = len(_candidates(doc))
+        n = len(candidates(doc))
         return f"No candidate passed the gate ({n} tried); nothing was promoted. Measured on {hw}."
     where = f" as {winner['registered_uri']}" if winner.get("registered_uri") else ""
-    return f"Promoted {_label(winner)}{where}: {_headline(winner)}. Measured on {_measured_on(doc, winner)}."
+    return f"Promoted {label(winner)}{where}: {_headline(winner)}. Measured on {_measured_on(doc, winner)}."
 
 
 def _losers(doc: Doc) -> list[tuple[str, str]]:
     """(candidate, why it was not promoted) for every candidate but the winner."""
     winner = _winner(doc)
     out: list[tuple[str, str]] = []
-    for cand in _candidates(doc):
+    for cand in candidates(doc):
         if cand is winner:
             continue
         if not cand.get("passed"):
-            out.append((_label(cand), "; ".join(_reasons(cand)) or "failed the gate"))
+            out.append((label(cand), "; ".join(_reasons(cand)) or "failed the gate"))
         elif winner is not None:
-            mine, theirs = _metric(cand, "speedup") or 0.0, _metric(winner, "speedup") or 0.0
-            why = f"{_label(winner)} was faster ({theirs:.2f}x vs {mine:.2f}x)"
+            mine, theirs = metric(cand, "speedup") or 0.0, metric(winner, "speedup") or 0.0
+            why = f"{label(winner)} was faster ({theirs:.2f}x vs {mine:.2f}x)"
             if math.isclose(mine, theirs):
-                why = f"same speedup as {_label(winner)}, but larger"
-            out.append((_label(cand), f"passed the gate, but {why}"))
+                why = f"same speedup as {label(winner)}, but larger"
+            out.append((label(cand), f"passed the gate, but {why}"))
         else:
-            out.append((_label(cand), "passed the gate but was not promoted"))
+            out.append((label(cand), "passed the gate but was not promoted"))
     return out
 
 
@@ -378,7 +373,7 @@ def summary_markdown(doc: Doc, candidate: Mapping[str, Any]) -> str:
     status = "promoted winner" if candidate.get("promoted") else _verdict(candidate)
     lines = [
         f"Compressed by **quantgate** from {_md_link(f'{name} v{version}', name, version)} "
-        f"with **{_md(_label(candidate))}** ({_md(status)}).",
+        f"with **{_md(label(candidate))}** ({_md(status)}).",
         "",
         _md(_headline(candidate)) + ".",
         "",
@@ -395,16 +390,16 @@ def summary_markdown(doc: Doc, candidate: Mapping[str, Any]) -> str:
 def source_description_line(doc: Doc) -> str:
     """One line for the source version's description, linking to the compressed version(s) it produced."""
     winner = _winner(doc)
-    others = [c for c in _candidates(doc) if c is not winner and c.get("registered_uri")]
+    others = [c for c in candidates(doc) if c is not winner and c.get("registered_uri")]
     if winner is None:
-        return f"quantgate: no compressed version passed the gate ({len(_candidates(doc))} candidates tried)."
+        return f"quantgate: no compressed version passed the gate ({len(candidates(doc))} candidates tried)."
     if not winner.get("registered_uri"):
-        return f"quantgate: {_md(_label(winner))} passed the gate but was not registered."
+        return f"quantgate: {_md(label(winner))} passed the gate but was not registered."
     name, version = _split_uri(str(winner["registered_uri"]))
-    s, size = _metric(winner, "speedup"), _metric(winner, "size_ratio")
+    s, size = metric(winner, "speedup"), metric(winner, "size_ratio")
     line = (
         f"quantgate: compressed version {_md_link(f'{name} v{version}', name, version)} "
-        f"({_md(_label(winner))}, {_f(s, '.2f', 'x')} faster, {_f(size, '.2f')} of the size)"
+        f"({_md(label(winner))}, {_f(s, '.2f', 'x')} faster, {_f(size, '.2f')} of the size)"
     )
     if others:
         links = [_md_link(f"{n} v{v}", n, v) for n, v in (_split_uri(str(c["registered_uri"])) for c in others)]
@@ -419,182 +414,6 @@ def artifact_key(doc: Doc) -> str:
     key = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "-", raw)).strip("-")
     return key[:100]
 
-
-# --- plots ---------------------------------------------------------------------------------------------------------
-
-
-def _render(draw: Callable[[Axes], None], rows: int) -> bytes:
-    """Figure + Agg canvas, never pyplot: no process-wide backend switch, no figure registry, safe in threads."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig: Figure = Figure(figsize=(8.0, max(3.0, 1.2 + 0.45 * rows)), dpi=100)
-    FigureCanvasAgg(fig)
-    draw(fig.add_subplot())
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def _empty(ax: Axes, what: str) -> None:
-    ax.text(0.5, 0.5, f"no {what} measured for any candidate", ha="center", va="center", color=_FAIL)
-    ax.set_axis_off()
-
-
-def _colour(cand: Mapping[str, Any]) -> str:
-    return {"win": _WIN, "pass": _PASS}.get(_status(cand), _FAIL)
-
-
-def _latency_rows(doc: Doc) -> Iterator[tuple[str, float, float | None, str, float | None]]:
-    """(label, p50, p95, colour, backend baseline p50) grouped by backend, each backend's FP32 row first."""
-    bases = _baselines(doc)
-    backends = dict.fromkeys(str(c.get("backend")) for c in _candidates(doc))
-    for backend in backends:
-        base = bases.get(backend)
-        base_p50 = _metric(base, "baseline_latency_p50_ms") if base is not None else None
-        if base is not None and base_p50 is not None:
-            yield f"{backend}/fp32", base_p50, _metric(base, "baseline_latency_p95_ms"), _BASE, None
-        for cand in _candidates(doc):
-            p50 = _metric(cand, "latency_p50_ms")
-            if str(cand.get("backend")) == backend and p50 is not None:
-                yield _label(cand), p50, _metric(cand, "latency_p95_ms"), _colour(cand), base_p50
-
-
-def _rounds(cand: Mapping[str, Any], which: str) -> list[float] | None:
-    rounds = cand.get("latency_rounds_ms")
-    values = rounds.get(which) if isinstance(rounds, Mapping) else None
-    return [float(v) for v in values] if isinstance(values, list) and values else None
-
-
-def _distributions(doc: Doc) -> list[tuple[str, list[float], str]]:
-    """Per-round latencies: each backend's FP32 (from its first measured candidate), then its candidates."""
-    out: list[tuple[str, list[float], str]] = []
-    for backend in dict.fromkeys(str(c.get("backend")) for c in _candidates(doc)):
-        mine = [c for c in _candidates(doc) if str(c.get("backend")) == backend]
-        base = next((r for c in mine if (r := _rounds(c, "baseline"))), None)
-        if base:
-            out.append((f"{backend}/fp32", base, _BASE))
-        out.extend((_label(c), r, _colour(c)) for c in mine if (r := _rounds(c, "candidate")))
-    return out
-
-
-def plot_latency(doc: Doc) -> bytes:
-    """Latency per round as box plots (p50 line, p95 tick) when rounds were logged, else p50-p95 bars."""
-    dists = _distributions(doc)
-    rows = list(_latency_rows(doc))
-    batch = next((b for c in _candidates(doc) if (b := _metric(c, "gate_batch_size")) is not None), None)
-    title = "Latency: FP32 baselines and candidates" + (f" at batch {batch:g}" if batch else "")
-
-    def draw_distributions(ax: Axes) -> None:
-        data = [d[1] for d in dists]
-        boxes = ax.boxplot(data, vert=False, whis=(5, 95), showfliers=False, patch_artist=True, widths=0.6)
-        for patch, (_, _, colour) in zip(boxes["boxes"], dists, strict=True):
-            patch.set_facecolor(colour)
-            patch.set_alpha(0.45)
-        for y, (_, values, colour) in enumerate(dists, start=1):
-            ax.plot([float(np.percentile(values, 95))], [y], marker="|", markersize=16, color=colour)
-        ax.set_yticks(range(1, len(dists) + 1), [d[0] for d in dists], fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlim(left=0)
-        ax.set_xlabel("latency per round, ms (box: p25-p75, line: p50, whiskers: p5-p95, tick: p95)")
-        ax.set_title(title + f", {len(dists[0][1])} rounds each")
-        ax.grid(axis="x", alpha=0.3)
-
-    def draw(ax: Axes) -> None:
-        if not rows:
-            return _empty(ax, "latency")
-        for y, (_, p50, p95, colour, base_p50) in enumerate(rows):
-            if p95 is not None:
-                ax.hlines(y, p50, p95, colors=colour, linewidth=6, alpha=0.45)
-                ax.plot([p95], [y], marker="|", markersize=14, color=colour)
-            ax.plot([p50], [y], marker="o", color=colour)
-            if base_p50 is not None:
-                ax.plot([base_p50], [y], marker="x", color=_BASE, alpha=0.6)
-        ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlim(left=0)
-        ax.set_xlabel("latency per batch, ms (dot: p50, bar end: p95, x: backend's FP32 p50)")
-        ax.set_title(title)
-        ax.grid(axis="x", alpha=0.3)
-        return None
-
-    if dists:
-        return _render(draw_distributions, len(dists))
-    return _render(draw, len(rows))
-
-
-def plot_tradeoff(doc: Doc, gate: Mapping[str, Any] | None = None) -> bytes:
-    """Quality vs speed with the gate's lines: accuracy drop when labels existed, otherwise fidelity.
-
-    ``gate`` is the policy's gate section as a dict (``policy.gate.model_dump()``); the thresholds are not in
-    the document except inside the checks' prose.
-    """
-    gate = gate or {}
-    use_acc = any(_metric(c, "accuracy_drop") is not None for c in _candidates(doc))
-    key, scale = ("accuracy_drop", 100.0) if use_acc else ("fidelity", 1.0)
-    points = [
-        (c, s, y * scale)
-        for c in _candidates(doc)
-        if (s := _metric(c, "speedup")) is not None and (y := _metric(c, key)) is not None
-    ]
-
-    def draw(ax: Axes) -> None:
-        if not points:
-            return _empty(ax, "speedup or quality")
-        for cand, s, y in points:
-            lo, hi = _metric(cand, "speedup_ci_low"), _metric(cand, "speedup_ci_high")
-            if lo is not None and hi is not None:
-                ax.errorbar([s], [y], xerr=[[max(s - lo, 0.0)], [max(hi - s, 0.0)]], color=_colour(cand), alpha=0.5)
-            if cand.get("promoted"):
-                ax.scatter([s], [y], marker="*", s=260, color=_WIN, zorder=3, label=f"winner: {_label(cand)}")
-            else:
-                ax.scatter([s], [y], s=40, color=_colour(cand), zorder=2)
-            ax.annotate(_label(cand), (s, y), textcoords="offset points", xytext=(6, 5), fontsize=7)
-        ax.scatter([1.0], [0.0 if use_acc else 1.0], marker="x", color=_BASE, label="FP32 baseline")
-        if gate.get("min_speedup") is not None:
-            ax.axvline(float(gate["min_speedup"]), color="#c62828", linestyle="--", label="min speedup")
-        if use_acc and gate.get("max_accuracy_drop") is not None:
-            ax.axhline(float(gate["max_accuracy_drop"]) * 100, color="#ef6c00", linestyle="--", label="max drop")
-        if not use_acc and gate.get("min_fidelity") is not None:
-            ax.axhline(float(gate["min_fidelity"]), color="#ef6c00", linestyle="--", label="min fidelity")
-        ax.set_xlabel("speedup vs FP32 on the same backend (bars: 95% CI)")
-        ax.set_ylabel("accuracy drop, points (lower is better)" if use_acc else "fidelity, mean cosine")
-        ax.set_title("Trade-off (grey: failed the gate)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        return None
-
-    return _render(draw, 6)
-
-
-def plot_sizes(doc: Doc, gate: Mapping[str, Any] | None = None) -> bytes:
-    """Size relative to FP32 per candidate; the winner in green, failed ones grey."""
-    bars = [(c, r) for c in _candidates(doc) if (r := _metric(c, "size_ratio")) is not None]
-    limit = (gate or {}).get("max_size_ratio")
-
-    def draw(ax: Axes) -> None:
-        if not bars:
-            return _empty(ax, "size")
-        ys = range(len(bars))
-        ax.barh(ys, [r for _, r in bars], color=[_colour(c) for c, _ in bars])
-        for y, (_, r) in zip(ys, bars, strict=True):
-            ax.text(r, y, f" {r:.2f}", va="center", fontsize=8)
-        ax.axvline(1.0, color=_BASE, linestyle=":", label="FP32")
-        if limit is not None:
-            ax.axvline(float(limit), color="#c62828", linestyle="--", label="max size ratio")
-        ax.set_xlim(0, max(1.1, 1.15 * max(r for _, r in bars), 1.05 * float(limit or 0)))
-        ax.set_yticks(ys, [_label(c) for c, _ in bars], fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel("size ratio (compressed / FP32)")
-        ax.set_title("Model size")
-        ax.legend(fontsize=7, loc="lower right")
-        return None
-
-    return _render(draw, len(bars))
-
-
-# --- HTML ----------------------------------------------------------------------------------------------------------
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem;color:#212121;max-width:70rem}
@@ -611,6 +430,8 @@ def _png_img(png: bytes, alt: str) -> str:
 
 def html_report(doc: Doc, gate: Mapping[str, Any] | None = None) -> str:
     """One file a reviewer can open anywhere (MLflow artifact view, Prefect, a browser): no external assets."""
+    from quantgate import plots  # imported here: plots reads documents with this module's helpers
+
     e = html.escape
     src = doc.get("source") or {}
     title = f"quantgate: {src.get('name')} version {src.get('version')}"
@@ -635,9 +456,9 @@ def html_report(doc: Doc, gate: Mapping[str, Any] | None = None) -> str:
         if losers
         else "",
         "<h2>Plots</h2>",
-        _png_img(plot_tradeoff(doc, gate), "accuracy or fidelity against speedup"),
-        _png_img(plot_latency(doc), "latency p50 and p95 per candidate and baseline"),
-        _png_img(plot_sizes(doc, gate), "size ratio per candidate"),
+        _png_img(plots.plot_tradeoff(doc, gate), "accuracy or fidelity against speedup"),
+        _png_img(plots.plot_latency(doc), "latency p50 and p95 per candidate and baseline"),
+        _png_img(plots.plot_sizes(doc, gate), "size ratio per candidate"),
         f"<h2>Hardware</h2><p>{e(_hardware_text(hw))}</p>",
         f"<p>Libraries: {e(_libraries_text(hw))}</p>" if _libraries_text(hw) else "",
         "<h2>Run</h2><ul>" + "".join(f"<li>{e(k)}: <code>{e(str(v))}</code></li>" for k, v in run) + "</ul>",

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from quantgate import registry, report, serving, targets
+from quantgate import plots, registry, report, serving, targets
 from quantgate.errors import RegistrationError
 from quantgate.hardware import Hardware, backend_versions
 from quantgate.model import ModelInfo
@@ -297,12 +297,12 @@ def publish_report(client: Any, run_id: str, doc: dict[str, Any], gate: dict[str
     client.log_text(run_id, report.markdown_report(doc), "report.md")
     client.log_text(run_id, report.html_report(doc, gate), "report.html")
     with tempfile.TemporaryDirectory() as tmp:
-        plots = Path(tmp) / "plots"
-        plots.mkdir()
-        (plots / "latency.png").write_bytes(report.plot_latency(doc))
-        (plots / "tradeoff.png").write_bytes(report.plot_tradeoff(doc, gate))
-        (plots / "sizes.png").write_bytes(report.plot_sizes(doc, gate))
-        client.log_artifacts(run_id, str(plots), "plots")
+        folder = Path(tmp) / "plots"
+        folder.mkdir()
+        (folder / "latency.png").write_bytes(plots.plot_latency(doc))
+        (folder / "tradeoff.png").write_bytes(plots.plot_tradeoff(doc, gate))
+        (folder / "sizes.png").write_bytes(plots.plot_sizes(doc, gate))
+        client.log_artifacts(run_id, str(folder), "plots")
 
 
 SOURCE_LINE_PREFIX = "quantgate: "

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from quantgate import report
+from quantgate import plots, report
 from quantgate.gate import judge
 from quantgate.hardware import Hardware
 from quantgate.plugins.base import Recipe
@@ -68,6 +68,11 @@ def _metrics(base_p50: float, p50: float, size: float, acc: float) -> dict[str, 
 
 @pytest.fixture
 def doc() -> dict[str, Any]:
+    return sample_doc()
+
+
+def sample_doc() -> dict[str, Any]:
+    """A document with a winner, a loser on speed, a build failure and two backends (also used by test_plots)."""
     ort_base = 1.0
     slow = _metrics(ort_base, 1.05, 0.27, 0.975)
     qdq = _metrics(ort_base, 0.6, 0.27, 0.976)
@@ -190,20 +195,6 @@ def test_source_line_links_the_promoted_and_other_registered_versions(doc: dict[
     assert "no compressed version passed" in report.source_description_line(_no_winner(doc))
 
 
-def test_plots_are_pngs_of_a_useful_size(doc: dict[str, Any]) -> None:
-    for png in (report.plot_latency(doc), report.plot_tradeoff(doc, GATE), report.plot_sizes(doc, GATE)):
-        width, height = _image_size(png)
-        assert width >= 400 and height >= 250
-
-
-def test_tradeoff_falls_back_to_fidelity_without_labels(doc: dict[str, Any]) -> None:
-    for cand in doc["candidates"]:
-        for key in ("accuracy", "accuracy_drop", "accuracy_baseline"):
-            cand["all_metrics"].pop(key, None)
-            cand["metrics"].pop(key, None)
-    assert _image_size(report.plot_tradeoff(doc, {"min_fidelity": 0.99, "min_speedup": 1.1}))[0] >= 400
-
-
 def test_html_is_self_contained_with_three_inline_plots_and_escaped_text(doc: dict[str, Any]) -> None:
     page = report.html_report(doc, GATE)
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
@@ -225,7 +216,7 @@ def test_every_output_copes_without_a_winner_or_without_any_metrics(doc: dict[st
     for cand in bad["candidates"]:
         assert report.summary_markdown(bad, cand)
     assert report.source_description_line(bad).startswith("quantgate: no compressed version")
-    for png in (report.plot_latency(bad), report.plot_tradeoff(bad, GATE), report.plot_sizes(bad)):
+    for png in (plots.plot_latency(bad), plots.plot_tradeoff(bad, GATE), plots.plot_sizes(bad)):
         assert _image_size(png)[0] >= 300
     page = report.html_report(bad)
     assert page.count("data:image/png;base64,") == 3
@@ -247,26 +238,6 @@ def test_reads_the_document_the_real_result_objects_write() -> None:
     assert [r["verdict"] for r in report.comparison_rows(doc)] == ["baseline", "PROMOTED", "failed"]
     assert "Promoted onnxruntime/static-int8 as models:/m-onnxruntime-int8/1" in report.markdown_report(doc)
     assert "boom" in report.html_report(doc, gate.model_dump())
-
-
-def test_latency_plot_draws_the_logged_rounds_as_distributions(doc: dict[str, Any]) -> None:
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    with_rounds = json.loads(json.dumps(doc))
-    for cand in with_rounds["candidates"]:
-        if cand["metrics"]:
-            cand["latency_rounds_ms"] = {
-                "baseline": rng.normal(1.0, 0.05, 40).tolist(),
-                "candidate": rng.normal(0.4, 0.02, 40).tolist(),
-            }
-    assert report._distributions(doc) == []  # summary statistics only: the bar fallback is drawn
-    dists = report._distributions(with_rounds)
-    backends = {c["backend"] for c in with_rounds["candidates"] if c.get("latency_rounds_ms")}
-    assert {label for label, _, _ in dists if label.endswith("/fp32")} == {f"{b}/fp32" for b in backends}
-    assert len(dists) == len(backends) + sum(bool(c.get("latency_rounds_ms")) for c in with_rounds["candidates"])
-    png = report.plot_latency(with_rounds)
-    assert png.startswith(b"\x89PNG") and png != report.plot_latency(doc)
 
 
 def test_host_notes_say_when_the_cpu_has_no_int8_dot_product() -> None:
