@@ -51,14 +51,20 @@ out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty()
 
 
 class _ProgressHandler(logging.Handler):
-    """Shows quantgate's INFO messages as the current step of a spinner (only on a terminal)."""
+    """A live progress display on stderr (only on a terminal): the search's stage, candidate i of N and the budget
+    used from its progress events, and quantgate's other INFO messages as the line under it."""
 
-    def __init__(self, status: Any) -> None:
+    def __init__(self, progress: Any) -> None:
         super().__init__(logging.INFO)
-        self.status = status
+        self.progress = progress
+        self.task = progress.add_task("[bold]quantgate[/] starting", total=100, note="")
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.status.update(f"[bold]quantgate[/] {record.getMessage()}")
+        event = getattr(record, "quantgate_progress", None)
+        if event is not None:
+            self.progress.update(self.task, completed=event.fraction * 100, description=escape(event.describe()))
+        else:
+            self.progress.update(self.task, note=escape(record.getMessage()[:120]))
 
 
 def _quiet_libraries() -> None:
@@ -141,8 +147,11 @@ def _run_flow(model_uri: str, policy: dict[str, Any], tracking_uri: str, show_pr
     with contextlib.redirect_stdout(io.StringIO()):
         if not show_progress:
             return compress_model(model_uri, policy, tracking_uri)
-        with err.status("[bold]quantgate[/] starting", spinner="dots") as status:
-            handler = _ProgressHandler(status)
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+        with Progress(*columns, TextColumn("[dim]{task.fields[note]}"), console=err, transient=True) as progress:
+            handler = _ProgressHandler(progress)
             qlog.addHandler(handler)
             try:
                 return compress_model(model_uri, policy, tracking_uri)
@@ -160,6 +169,8 @@ def gate_table(doc: dict[str, Any]) -> Table:
     for c in doc["candidates"]:
         m = c["all_metrics"]
         verdict = "[green]PROMOTED[/]" if c["promoted"] else ("[green]pass[/]" if c["passed"] else "[red]fail[/]")
+        if c.get("status") == "skipped":
+            verdict = "[yellow]skipped[/]"
         vs_ort = [f"{m['speedup_vs_ort_fp32']:.2f}x" if "speedup_vs_ort_fp32" in m else "-"] if cross else []
         table.add_row(
             c["backend"], escape(c["recipe"]), verdict,
@@ -178,7 +189,8 @@ def print_summary(doc: dict[str, Any]) -> None:
     out.print(gate_table(doc))
     for c in doc["candidates"]:
         if not c["passed"]:
-            out.print(f"  [red]x[/] {escape(c['backend'] + '/' + c['recipe'])}: " + escape("; ".join(c["reasons"])))
+            mark = "[yellow]-[/]" if c.get("status") == "skipped" else "[red]x[/]"
+            out.print(f"  {mark} {escape(c['backend'] + '/' + c['recipe'])}: " + escape("; ".join(c["reasons"])))
     for note in doc.get("host_notes", []):
         out.print(f"  [yellow]![/] {escape(note)}")
     if doc["promoted_uri"]:

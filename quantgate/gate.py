@@ -24,6 +24,24 @@ class Verdict:
     def reasons(self) -> list[str]:
         return [c.detail for c in self.checks if not c.passed]
 
+    @property
+    def skipped(self) -> bool:
+        """Not measured to the end (a quick check, the budget): neither a pass nor a measured failure."""
+        return any(c.name == SKIPPED for c in self.checks)
+
+
+SKIPPED = "skipped"
+
+
+def skip(reason: str, measured: Verdict | None = None) -> Verdict:
+    """A candidate the search stopped before the end, with why; ``measured``: the checks it did get."""
+    return Verdict(False, (*(measured.checks if measured else ()), Check(SKIPPED, False, reason)))
+
+
+def quality_only(gate: GatePolicy) -> GatePolicy:
+    """The gate without its latency and size thresholds: what a candidate must pass before it is timed."""
+    return gate.model_copy(update={"min_speedup": None})
+
 
 def _missing(name: str, metric: str) -> Check:
     return Check(name, False, f"{metric} was not measured, so the {name} check cannot pass")
@@ -47,12 +65,22 @@ def _fidelity(m: Mapping[str, float], limit: float) -> Check:
     return Check("fidelity", value >= limit, f"fidelity (mean cosine) {value:.5f}, at least {limit:.5f} required")
 
 
-def _speedup(m: Mapping[str, float], limit: float, statistic: str) -> Check:
+def _speedup(m: Mapping[str, float], limit: float, statistic: str, on: str = "warm") -> Check:
+    if on == "first_call":
+        if "first_call_speedup" not in m:
+            return _missing("speedup", "first_call_speedup")
+        value = m["first_call_speedup"]
+        text = (
+            f"first-call speedup {value:.2f}x ({m.get('baseline_first_call_ms', 0):.2f} -> "
+            f"{m.get('first_call_ms', 0):.2f} ms after loading), at least {limit:.2f}x required"
+        )
+        return Check("speedup", value >= limit, text)
     key = "speedup" if statistic == "p50" else "speedup_ci_low"
     if key not in m:
         return _missing("speedup", key)
     batch = int(m.get("gate_batch_size", 1))
-    ci = f" (95% CI {m.get('speedup_ci_low', 0):.2f}-{m.get('speedup_ci_high', 0):.2f})"
+    ci = f" (95% CI {m.get('speedup_ci_low', 0):.2f}-{m.get('speedup_ci_high', 0):.2f}"
+    ci += f", warm blocks of {int(m['block_calls'])} calls)" if "block_calls" in m else ")"
     what = "speedup" if statistic == "p50" else "speedup lower bound"
     text = f"{what} {m[key]:.2f}x at batch {batch}{ci}, at least {limit:.2f}x required"
     return Check("speedup", m[key] >= limit, text)
@@ -75,7 +103,7 @@ def judge(metrics: Mapping[str, float], gate: GatePolicy, *, has_labels: bool, e
     if gate.min_fidelity is not None:
         checks.append(_fidelity(metrics, gate.min_fidelity))
     if gate.min_speedup is not None:
-        checks.append(_speedup(metrics, gate.min_speedup, gate.speedup_statistic))
+        checks.append(_speedup(metrics, gate.min_speedup, gate.speedup_statistic, gate.speedup_on))
     if gate.max_size_ratio is not None:
         checks.append(_size(metrics, gate.max_size_ratio))
     return Verdict(all(c.passed for c in checks), tuple(checks))

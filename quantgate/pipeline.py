@@ -11,7 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantgate import gate, registry
+import numpy as np
+import onnx
+
+from quantgate import gate, registry, search
+from quantgate.build import BuildJob, BuildTimeout, BuildWorker, Tuning
+from quantgate.cache import CandidateCache, RunKey
 from quantgate.data import NpzDataset, resolve_data_uri
 from quantgate.errors import (
     BackendError,
@@ -24,7 +29,7 @@ from quantgate.errors import (
 from quantgate.gate import Check, Verdict
 from quantgate.hardware import Hardware
 from quantgate.intake import to_onnx
-from quantgate.model import ModelInfo
+from quantgate.model import ModelInfo, read_model_info
 from quantgate.plugins.base import (
     Backend,
     Calibration,
@@ -36,8 +41,10 @@ from quantgate.plugins.base import (
 )
 from quantgate.policy import Policy
 from quantgate.result import CandidateResult
+from quantgate.search import Budget, ProgressEvent, report_progress
 from quantgate.validators.base import (
     EvalOutputs,
+    LatencyTarget,
     ValidationContext,
     Validator,
     collect_outputs,
@@ -132,10 +139,12 @@ def plan(policy: Policy, model: ModelInfo, backends: tuple[str, ...] | None = No
         if not status.ok and not status.prepares_here:
             out.append(PlannedRecipe(name, None, reason))
             continue
-        known.update(r.name for r in backend.recipes(model))
+        offered = backend.recipes(model)
+        known.update(r.name for r in offered)
+        _check_recipe_options(policy, name, offered)
         prepare_only = not status.ok
         out.extend(
-            PlannedRecipe(name, r, reason if prepare_only else "", prepare_only)
+            PlannedRecipe(name, with_options(r, policy), reason if prepare_only else "", prepare_only)
             for r in select_recipes(backend, model, policy.recipes)
         )
     if policy.recipes is not None and backends is None:
@@ -145,6 +154,28 @@ def plan(policy: Policy, model: ModelInfo, backends: tuple[str, ...] | None = No
     if not any(p.recipe for p in out) and not any(p.unavailable for p in out):
         raise PolicyError("the policy selects no recipe to run")
     return out
+
+
+def with_options(recipe: Recipe, policy: Policy) -> Recipe:
+    """The recipe with the policy's ``recipe_options`` for it applied (its hash follows its settings)."""
+    override = policy.recipe_options.get(f"{recipe.backend}/{recipe.name}")
+    if not override:
+        return recipe
+    return Recipe.make(recipe.backend, recipe.name, recipe.precision, **(recipe.options | override))
+
+
+def _check_recipe_options(policy: Policy, backend: str, offered: list[Recipe]) -> None:
+    by_name = {r.name: r for r in offered}
+    for key, override in policy.recipe_options.items():
+        owner, _, name = key.partition("/")
+        if owner != backend:
+            continue
+        if name not in by_name:
+            raise PolicyError(f"recipe_options.{key}: {backend} has no recipe '{name}'; it has {', '.join(by_name)}")
+        unknown = sorted(set(override) - set(by_name[name].options))
+        if unknown:
+            settings = ", ".join(sorted(by_name[name].options)) or "none"
+            raise PolicyError(f"recipe_options.{key}: unknown setting(s) {', '.join(unknown)} (settings: {settings})")
 
 
 @dataclass
@@ -160,6 +191,7 @@ class Baseline:
     runner: Runner
     outputs: EvalOutputs
     reference: Runner | None = None
+    tuning: Tuning | None = None  # what accuracy-aware recipes tune against (None: nothing to tune against)
 
 
 def baseline_for(
@@ -180,26 +212,22 @@ def baseline_for(
         raise BackendError(str(exc)) from None
     except BackendError as exc:
         raise BackendError(f"the FP32 baseline failed on {backend_name}: {exc}") from None
-    _configure_accuracy_control(backend, data, policy)
     ref = reference.runner if reference is not None and reference.backend is not backend else None
-    return Baseline(backend, cand, runner, outputs, ref)
+    return Baseline(backend, cand, runner, outputs, ref, tuning_for(data, policy))
 
 
-def _configure_accuracy_control(backend: Backend, data: DataSets, policy: Policy) -> None:
-    """Hand accuracy-aware recipes the gate's own threshold, so they restore float layers until the gate passes."""
-    configure = getattr(backend, "configure_accuracy_control", None)
-    if configure is None:
-        return
+def tuning_for(data: DataSets, policy: Policy) -> Tuning | None:
+    """What accuracy-aware recipes get: the gate's own threshold, so they restore float layers until it passes."""
     gate_cfg = policy.gate
     if data.evaluation.has_labels and gate_cfg.max_accuracy_drop is not None:
         metric, max_drop = "accuracy", gate_cfg.max_accuracy_drop
     elif gate_cfg.min_fidelity is not None:
         metric, max_drop = "fidelity", 1.0 - gate_cfg.min_fidelity
     else:
-        return  # nothing to control against: the recipe fails with its own reason
+        return None  # nothing to control against: those recipes fail with their own reason
     validation, caveat = accuracy_control_data(data, metric)
     ac = policy.accuracy_control
-    configure(validation, metric, max_drop, ac.time_budget_s, limit=ac.samples, caveat=caveat)
+    return Tuning(validation, metric, max_drop, ac.time_budget_s, ac.samples, caveat)
 
 
 def accuracy_control_data(data: DataSets, metric: str) -> tuple[NpzDataset, str]:
@@ -230,6 +258,33 @@ class CandidateRun:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class SearchState:
+    """What the search knows while it goes: the budget, the best so far, where builds run, the cache, progress."""
+
+    budget: Budget
+    exhaustive: bool = True
+    quick_samples: int | None = None
+    best_vs_reference: float | None = None
+    quality_failed: int = 0
+    quality_passed: int = 0
+    worker: BuildWorker | None = None
+    cache: CandidateCache | None = None
+    run_key: RunKey | None = None
+    index: int = 0
+    total: int = 0
+
+    @classmethod
+    def for_policy(cls, policy: Policy, total: int) -> SearchState:
+        cfg = policy.search
+        if cfg.exhaustive:
+            return cls(Budget(None), exhaustive=True, total=total)
+        return cls(Budget(cfg.time_budget_s), exhaustive=False, quick_samples=cfg.quick_samples, total=total)
+
+    def emit(self, stage: str, label: str) -> None:
+        report_progress(ProgressEvent(stage, self.index, self.total, label, self.budget.used, self.budget.seconds))
+
+
 def evaluate(
     base: Baseline,
     recipe: Recipe,
@@ -239,37 +294,176 @@ def evaluate(
     hardware: Hardware,
     workdir: Path,
     validators: list[Validator] | None = None,
+    state: SearchState | None = None,
 ) -> CandidateRun:
-    """Compress with one recipe, measure it against the baseline, and judge it. Never raises BackendError."""
+    """Compress with one recipe, then measure it in stages against the baseline, and judge it.
+
+    Stages: build; quick quality on a few samples; full quality; latency (only after quality passed), each of which
+    may end the candidate as failed or skipped with the reason. Never raises BackendError.
+    """
+    state = state or SearchState(Budget(None))
+    validators = validators if validators is not None else load_validators()
+    has_labels = data.evaluation.has_labels
+    label = f"{recipe.backend}/{recipe.name}"
     t0 = time.perf_counter()
-    calib = Calibration(data.calibration, policy.data.calibration_batch_size, policy.data.calibration_samples)
+    tuning = _tuning_record(base, recipe)
+    key = state.run_key.for_recipe(recipe, tuning) if state.run_key is not None else None
+    if state.cache is not None and key is not None:
+        cached = _from_cache(state, key, policy, has_labels)
+        if cached is not None:
+            log.info("%s: measured before (cache), re-gated", label)
+            return CandidateRun(cached, extra={"cached": True})
+    if state.budget.exhausted:
+        why = f"not tried: the search budget was spent ({state.budget.describe()})"
+        return CandidateRun(skipped_result(recipe, why, hardware, policy))
+    state.emit("build", label)
     try:
-        cand = base.backend.compress(model, recipe, calib, workdir / recipe.backend / recipe.name)
+        cand = _build(base, recipe, model, data, policy, workdir, state)
         runner = base.backend.runner(cand, threads=policy.latency.threads)
+    except BuildTimeout as exc:
+        return CandidateRun(skipped_result(recipe, str(exc), hardware, policy), time.perf_counter() - t0)
     except (BackendError, BackendUnavailable) as exc:  # one recipe's failure: the others go on
-        log.info("%s/%s failed to build: %s", recipe.backend, recipe.name, exc)
-        failed = failed_result(recipe, str(exc), hardware, data.evaluation.has_labels, policy)
+        log.info("%s failed to build: %s", label, exc)
+        failed = failed_result(recipe, str(exc), hardware, has_labels, policy)
         return CandidateRun(failed, time.perf_counter() - t0)
     t1 = time.perf_counter()
-    ctx = _context(base, cand, runner, data, policy, hardware)
-    metrics, details = _measure(validators if validators is not None else load_validators(), ctx)
-    verdict = gate.judge(metrics, policy.gate, has_labels=data.evaluation.has_labels)
-    result = CandidateResult(
-        recipe, metrics, verdict, hardware, artifact=cand.artifact, notes=list(cand.notes), details=details
-    )
-    log.info(
-        "%s/%s: %s (speedup %.2fx)",
-        recipe.backend,
-        recipe.name,
-        "passed" if verdict.passed else "failed",
-        metrics.get("speedup", 0.0),
-    )
-    return CandidateRun(result, t1 - t0, time.perf_counter() - t1)
+    run = _validate(base, cand, runner, data, policy, hardware, validators, state)
+    run.compress_s, run.validate_s = t1 - t0, time.perf_counter() - t1
+    result = run.result
+    log.info("%s: %s (speedup %.2fx)", label, _status(result.verdict), result.metrics.get("speedup", 0.0))
+    if state.cache is not None and key is not None and not result.verdict.skipped:
+        state.cache.put(key, result, cand.files or (cand.artifact,))
+    return run
+
+
+def _validate(
+    base: Baseline,
+    cand: Candidate,
+    runner: Runner,
+    data: DataSets,
+    policy: Policy,
+    hardware: Hardware,
+    validators: list[Validator],
+    state: SearchState,
+) -> CandidateRun:
+    recipe, has_labels = cand.recipe, data.evaluation.has_labels
+    label = f"{recipe.backend}/{recipe.name}"
+
+    def result(metrics: dict[str, float], verdict: Verdict, details: dict[str, object], *extra: str) -> CandidateRun:
+        notes = [*cand.notes, *_validator_notes(details), *extra]
+        return CandidateRun(
+            CandidateResult(recipe, metrics, verdict, hardware, artifact=cand.artifact, notes=notes, details=details)
+        )
+
+    n_eval = data.evaluation.n_samples if policy.data.evaluation_samples is None else policy.data.evaluation_samples
+    if not state.exhaustive and state.quick_samples is not None and state.quick_samples < n_eval:
+        state.emit("quick", label)
+        quick = search.quick_check(
+            base.outputs, collect_outputs(runner, data.evaluation, state.quick_samples), policy, has_labels=has_labels
+        )
+        if quick.far_outside:
+            state.quality_failed += 1
+            return result({}, gate.skip(quick.detail), {})
+    state.emit("quality", label)
+    target = None
+    if not state.exhaustive:
+        min_speedup = policy.gate.min_speedup if policy.gate.speedup_on == "warm" else None
+        target = LatencyTarget(min_speedup, state.best_vs_reference)
+    ctx = _context(base, cand, runner, data, policy, hardware, target=target)
+    quality_validators = [v for v in validators if v.name != LATENCY]
+    metrics, details = _measure(quality_validators, ctx)
+    quality = gate.judge(metrics, gate.quality_only(policy.gate), has_labels=has_labels)
+    if not quality.passed:
+        state.quality_failed += 1
+        return result(metrics, quality, details, "latency not measured: the candidate failed on quality")
+    state.quality_passed += 1
+    if state.budget.exhausted:
+        why = f"latency not measured: the search budget was spent ({state.budget.describe()})"
+        return result(metrics, gate.skip(why, quality), details)
+    state.emit("latency", label)
+    more, more_details = _measure([v for v in validators if v.name == LATENCY], ctx)
+    metrics.update(more)
+    details.update(more_details)
+    verdict = gate.judge(metrics, policy.gate, has_labels=has_labels)
+    if verdict.passed and "speedup_vs_ort_fp32" in metrics:
+        state.best_vs_reference = max(state.best_vs_reference or 0.0, metrics["speedup_vs_ort_fp32"])
+    return result(metrics, verdict, details)
+
+
+def _status(verdict: Verdict) -> str:
+    return "passed" if verdict.passed else "skipped" if verdict.skipped else "failed"
+
+
+def _tuning_record(base: Baseline, recipe: Recipe) -> dict[str, Any] | None:
+    """The part of the tuning a recipe's result depends on (for the cache key): only tuned recipes depend on it."""
+    if base.tuning is None or recipe.options.get("kind") not in TUNED_KINDS:
+        return None
+    t = base.tuning
+    return {"metric": t.metric, "max_drop": t.max_drop, "budget": t.time_budget_s, "limit": t.limit}
+
+
+# Recipe kinds that tune themselves against the gate (their result depends on its threshold).
+TUNED_KINDS = ("accuracy_control", "mixed")
+
+
+def _from_cache(state: SearchState, key: str, policy: Policy, has_labels: bool) -> CandidateResult | None:
+    """A cached measurement re-gated under this policy; ``None`` when it lacks what this gate needs."""
+    assert state.cache is not None
+    cached = state.cache.get(key)
+    if cached is None:
+        return None
+    quality = gate.judge(cached.metrics, gate.quality_only(policy.gate), has_labels=has_labels)
+    timed = "latency_p50_ms" in cached.metrics
+    if quality.passed and not timed:
+        return None  # it failed quality under an earlier, stricter gate: it must be timed now
+    verdict = gate.judge(cached.metrics, policy.gate, has_labels=has_labels) if timed else quality
+    cached.verdict = verdict
+    cached.notes = [*cached.notes, "measured in an earlier run (same model, recipe, data, host, libraries); re-gated"]
+    if verdict.passed and "speedup_vs_ort_fp32" in cached.metrics:
+        state.best_vs_reference = max(state.best_vs_reference or 0.0, cached.metrics["speedup_vs_ort_fp32"])
+    state.quality_passed += quality.passed
+    state.quality_failed += not quality.passed
+    return cached
+
+
+def _build(
+    base: Baseline, recipe: Recipe, model: ModelInfo, data: DataSets, policy: Policy, workdir: Path, state: SearchState
+) -> Candidate:
+    """The recipe's compress step, in the run's build worker when it has one (so the budget can stop it)."""
+    calib = Calibration(data.calibration, policy.data.calibration_batch_size, policy.data.calibration_samples)
+    tuning = base.tuning
+    if tuning is not None and state.budget.seconds is not None:
+        tuning = tuning.with_budget(max(min(tuning.time_budget_s, state.budget.remaining), 1.0))
+    job = BuildJob(base.backend.name, model, recipe, calib, workdir / recipe.backend / recipe.name, tuning)
+    if state.worker is not None:
+        return state.worker.run(job, state.budget.remaining)
+    configure = getattr(base.backend, "configure_accuracy_control", None)
+    if tuning is not None and configure is not None:
+        configure(
+            tuning.validation, tuning.metric, tuning.max_drop, tuning.time_budget_s, limit=tuning.limit,
+            caveat=tuning.caveat,
+        )  # fmt: skip
+    return base.backend.compress(model, recipe, calib, job.workdir)
+
+
+def skipped_result(recipe: Recipe, reason: str, hardware: Hardware, policy: Policy) -> CandidateResult:
+    return CandidateResult(recipe, {}, gate.skip(reason), hardware)
 
 
 def _context(
-    base: Baseline, cand: Candidate, runner: Runner, data: DataSets, policy: Policy, hardware: Hardware
+    base: Baseline,
+    cand: Candidate,
+    runner: Runner,
+    data: DataSets,
+    policy: Policy,
+    hardware: Hardware,
+    *,
+    reopen: bool = True,
+    target: LatencyTarget | None = None,
 ) -> ValidationContext:
+    """``reopen``: validators may open fresh runners of baseline and candidate (cold start) and of a trivial model."""
+    threads = policy.latency.threads
+    backend = base.backend
     return ValidationContext(
         baseline=base.candidate,
         candidate=cand,
@@ -281,7 +475,30 @@ def _context(
         hardware=hardware,
         eval_limit=policy.data.evaluation_samples,
         reference_runner=base.reference,
+        open_candidate=(lambda: backend.runner(cand, threads=threads)) if reopen else None,
+        open_baseline=(lambda: backend.runner(base.candidate, threads=threads)) if reopen else None,
+        open_trivial=(lambda: trivial_runner(backend, threads, cand.artifact.parent)) if reopen else None,
+        latency_target=target,
     )
+
+
+def trivial_runner(backend: Backend, threads: int, workdir: Path) -> tuple[Runner, dict[str, np.ndarray]]:
+    """A runner of ``backend`` on a one-Add model, and its inputs: what the runner's own per-call work costs."""
+    from onnx import TensorProto, helper
+
+    path = workdir / "trivial" / "trivial.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])
+        one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+        graph = helper.make_graph([helper.make_node("Add", ["x", "one"], ["y"])], "trivial", [x], [y], [one])
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        proto.ir_version = 8
+        onnx.save(proto, str(path))
+    info = read_model_info(path)
+    runner = backend.runner(backend.baseline(info, path.parent / backend.name), threads=threads)
+    return runner, {"x": np.ones((1, 16), dtype=np.float32)}
 
 
 def _measure(validators: list[Validator], ctx: ValidationContext) -> tuple[dict[str, float], dict[str, object]]:
@@ -296,7 +513,17 @@ def _measure(validators: list[Validator], ctx: ValidationContext) -> tuple[dict[
     return metrics, details
 
 
+def _validator_notes(details: dict[str, object]) -> list[str]:
+    """Notes a validator left in its details (e.g. a runner whose own overhead inflates its latency figure)."""
+    out: list[str] = []
+    for value in details.values():
+        if isinstance(value, dict) and isinstance(value.get("notes"), list):
+            out.extend(str(n) for n in value["notes"])
+    return out
+
+
 QUALITY_VALIDATORS = ("accuracy", "fidelity", "size")
+LATENCY = "latency"
 
 
 def evaluate_prepared(
@@ -333,7 +560,8 @@ def evaluate_prepared(
     except BackendError as exc:
         reason = f"the prepared ONNX does not run on ONNX Runtime: {exc}"
         return CandidateRun(failed_result(recipe, reason, hardware, has_labels, policy), t1 - t0)
-    ctx = _context(reference, Candidate(recipe, needs.artifact, needs.notes), runner, data, policy, hardware)
+    prepared = Candidate(recipe, needs.artifact, needs.notes)
+    ctx = _context(reference, prepared, runner, data, policy, hardware, reopen=False)
     metrics, details = _measure([v for v in validators if v.name in QUALITY_VALIDATORS], ctx)
     quality_gate = policy.gate.model_copy(update={"min_speedup": None, "max_size_ratio": None})
     quality = gate.judge(metrics, quality_gate, has_labels=has_labels)

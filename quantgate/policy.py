@@ -33,18 +33,37 @@ class DataPolicy(_Strict):
 class GatePolicy(_Strict):
     max_accuracy_drop: float | None = Field(default=0.01, ge=0.0, le=1.0)
     min_fidelity: float | None = Field(default=None, ge=-1.0, le=1.0)
-    min_speedup: float | None = Field(default=1.1, gt=0.0)
+    min_speedup: float | None = Field(default=1.1, gt=0.0, le=1e6)
     max_size_ratio: float | None = Field(default=1.0, gt=0.0)
     speedup_statistic: Literal["p50", "ci_low"] = Field(
         default="ci_low",
         description="Gate on the point estimate (p50 ratio) or on the lower end of its 95% confidence interval",
     )
+    speedup_on: Literal["warm", "first_call"] = Field(
+        default="warm",
+        description="Gate the speedup on warm calls (a served model) or on the first call after loading (cold start)",
+    )
 
 
 class LatencyPolicy(_Strict):
-    threads: int = Field(default=1, ge=1, description="intra-op threads, fixed for baseline and candidate")
-    warmup: int = Field(default=20, ge=0)
-    rounds: int = Field(default=200, ge=5)
+    threads: int = Field(default=1, ge=1, le=1024, description="intra-op threads, fixed for baseline and candidate")
+    warmup: int = Field(default=20, ge=0, le=100_000, description="untimed calls per runner before timing")
+    rounds: int = Field(
+        default=200, ge=5, le=100_000, description="timed blocks per runner, at most (adaptive stops earlier)"
+    )
+    min_rounds: int = Field(default=30, ge=5, le=100_000, description="blocks timed before adaptive stopping may stop")
+    adaptive: bool = Field(
+        default=True, description="stop timing once the confidence interval decides the gate and the ranking"
+    )
+    block_calls: int | None = Field(
+        default=None, ge=2, le=100_000, description="consecutive calls per block; default: enough for min_block_ms"
+    )
+    min_block_ms: float = Field(
+        default=5.0, gt=0.0, le=60_000.0, description="shortest block when block_calls is unset"
+    )
+    cold_starts: int = Field(
+        default=1, ge=0, le=100, description="fresh loads timed for the first-call latency (0: not measured)"
+    )
     batch_sizes: tuple[int, ...] = Field(default=(1,), min_length=1)
 
     @field_validator("batch_sizes")
@@ -62,11 +81,29 @@ class AccuracyControlPolicy(_Strict):
     samples: int | None = Field(default=300, ge=1, description="Evaluation samples the recipe validates on")
 
 
+class SearchPolicy(_Strict):
+    """How the recipes are searched: one wall-clock budget for the run, staged evaluation, a cache of measurements."""
+
+    time_budget_s: float = Field(
+        default=180.0, gt=0.0, le=1e6, description="Wall-clock budget of the whole search, every step included"
+    )
+    exhaustive: bool = Field(
+        default=False, description="Measure every recipe to the end: no budget, no quick check, no adaptive stop"
+    )
+    quick_samples: int = Field(
+        default=64, ge=8, le=1_000_000, description="Evaluation samples of the quick quality check"
+    )
+    cache: bool = Field(default=True, description="Reuse measurements of the same model, recipe, data and host")
+
+
+RecipeSetting = str | int | float | bool | None
+
+
 class RegistryPolicy(_Strict):
     experiment: str = Field(default="quantgate", min_length=1)
     alias: str = Field(default="compressed", pattern=r"^[A-Za-z0-9_-]{1,255}$")
     register_all_passing: bool = Field(
-        default=True, description="Register every passing candidate (true) or only the promoted one (false)"
+        default=False, description="Register every passing candidate (true) or only the promoted one (false)"
     )
 
     @field_validator("alias")
@@ -112,9 +149,22 @@ class Policy(_Strict):
     latency: LatencyPolicy = LatencyPolicy()
     accuracy_control: AccuracyControlPolicy = AccuracyControlPolicy()
     registry: RegistryPolicy = RegistryPolicy()
+    search: SearchPolicy = SearchPolicy()
+    recipe_options: dict[str, dict[str, RecipeSetting]] = Field(
+        default_factory=dict,
+        description="Per 'backend/recipe': settings that override the recipe's own (the recipe hash follows them)",
+    )
     targets: dict[str, TargetPolicy] = Field(
         default_factory=dict, description="Per backend: the work pool its step runs in; absent = in-process"
     )
+
+    @field_validator("recipe_options")
+    @classmethod
+    def _recipe_keys(cls, v: dict[str, dict[str, RecipeSetting]]) -> dict[str, dict[str, RecipeSetting]]:
+        bad = [k for k in v if not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", k)]
+        if bad:
+            raise ValueError(f"keys must be 'backend/recipe', got {', '.join(bad)}")
+        return v
 
     @model_validator(mode="after")
     def _targets_name_backends(self) -> Policy:
@@ -128,6 +178,8 @@ class Policy(_Strict):
         data = self.model_dump(mode="json")
         if not data["targets"]:
             del data["targets"]  # policies without targets keep the hashes they had before targets existed
+        if not data["recipe_options"]:
+            del data["recipe_options"]
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -57,11 +57,15 @@ def label(cand: Mapping[str, Any]) -> str:
 
 
 def _verdict(cand: Mapping[str, Any]) -> str:
-    return "PROMOTED" if cand.get("promoted") else ("passed" if cand.get("passed") else "failed")
+    if cand.get("promoted"):
+        return "PROMOTED"
+    return "passed" if cand.get("passed") else "skipped" if cand.get("status") == "skipped" else "failed"
 
 
 def status(cand: Mapping[str, Any]) -> str:
-    return "win" if cand.get("promoted") else ("pass" if cand.get("passed") else "fail")
+    if cand.get("promoted"):
+        return "win"
+    return "pass" if cand.get("passed") else "skip" if cand.get("status") == "skipped" else "fail"
 
 
 def _winner(doc: Doc) -> Mapping[str, Any] | None:

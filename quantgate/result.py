@@ -47,6 +47,13 @@ class CandidateResult:
     def passed(self) -> bool:
         return self.verdict.passed
 
+    @property
+    def status(self) -> str:
+        """promoted, passed, failed, or skipped (not measured to the end: a quick check or the budget stopped it)."""
+        if self.promoted:
+            return "promoted"
+        return "passed" if self.passed else "skipped" if self.verdict.skipped else "failed"
+
     def to_dict(self) -> dict[str, object]:
         return {
             "backend": self.backend,
@@ -55,6 +62,7 @@ class CandidateResult:
             "settings": self.recipe.options,
             "passed": self.passed,
             "promoted": self.promoted,
+            "status": self.status,
             "reasons": self.verdict.reasons,
             "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in self.verdict.checks],
             "metrics": {k: self.metrics[k] for k in HEADLINE_METRICS if k in self.metrics},

@@ -83,6 +83,7 @@ def _log_candidate(
             TAG + "recipe": cand.recipe.name,
             TAG + "passed": str(cand.passed).lower(),
             TAG + "promoted": str(cand.promoted).lower(),
+            TAG + "status": cand.status,
             TAG + "source_uri": source_uri,
             TAG + "hardware": cand.hardware.fingerprint(),
         },

@@ -20,6 +20,12 @@ warnings.filterwarnings("ignore")
 FAST_LATENCY = {"threads": 1, "warmup": 5, "rounds": 40, "batch_sizes": [1]}
 
 
+@pytest.fixture(autouse=True)
+def _own_measurement_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test measures for itself: quantgate's candidate cache lives in the test's own directory."""
+    monkeypatch.setenv("QUANTGATE_CACHE_DIR", str(tmp_path / "quantgate-cache"))
+
+
 @pytest.fixture(scope="session")
 def digits() -> Any:
     from quantgate.demo import digits_data

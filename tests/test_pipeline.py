@@ -53,3 +53,25 @@ def test_accuracy_control_tunes_on_calibration_data_unless_top1_needs_labels_it_
     labelled = NpzDataset.open(tmp_path / "labelled.npz")
     apart = pipeline.DataSets(labelled, evaluation, "c", "e")
     assert pipeline.accuracy_control_data(apart, "accuracy") == (labelled, "")
+
+
+def test_latency_figures_name_the_block_length_and_carry_cold_start_and_runner_overhead(
+    digits_onnx: Path, calib_npz: Path, eval_npz: Path, tmp_path: Path
+) -> None:
+    policy = parse_policy(test_policy(calib_npz, eval_npz))
+    model = read_model_info(digits_onnx)
+    data = pipeline.DataSets(NpzDataset.open(calib_npz), NpzDataset.open(eval_npz), "c", "e")
+    backend = OnnxRuntimeBackend()
+    cand = backend.baseline(model, tmp_path)
+    runner = backend.runner(cand, threads=1)
+    base = pipeline.Baseline(backend, cand, runner, collect_outputs(runner, data.evaluation, None))
+    recipe = next(r for r in backend.recipes(model) if r.name == "int8-static-qdq-minmax-perchannel")
+    run = pipeline.evaluate(base, recipe, model, data, policy, detect(), tmp_path)
+    m, latency = run.result.metrics, run.result.details["latency"]
+    assert isinstance(latency, dict)
+    assert m["block_calls"] >= 2 and latency["block_calls"] == int(m["block_calls"])
+    assert len(latency["rounds_ms"]["candidate"]) == latency["blocks"] == int(m["rounds"])
+    assert m["first_call_ms"] > 0 and m["baseline_first_call_ms"] > 0 and m["load_ms"] > 0
+    assert m["first_call_speedup"] > 0
+    assert 0 <= m["runner_overhead_ms"] < m["runner_trivial_call_ms"] + 1e-9
+    assert f"warm blocks of {int(m['block_calls'])} calls" in run.result.verdict.checks[-2].detail

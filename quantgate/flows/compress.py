@@ -7,11 +7,14 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from quantgate import pipeline, registry, report, targets, tracking
+from quantgate import pipeline, registry, report, search, targets, tracking
+from quantgate.build import BuildWorker
+from quantgate.cache import CandidateCache, RunKey
 from quantgate.errors import BackendError, DataError, TrackingUnavailable
 from quantgate.flows import dispatch
 from quantgate.hardware import Hardware, detect
@@ -88,12 +91,13 @@ def candidate_task(
     hardware: Hardware,
     workdir: Path,
     validators: list[Validator],
+    state: pipeline.SearchState | None = None,
 ) -> pipeline.CandidateRun:
     """``base``: the backend's FP32 baseline, or ONNX Runtime's for a recipe this host can only prepare."""
     if planned.prepare_only:
         return pipeline.evaluate_prepared(planned, base, model, data, policy, hardware, workdir, validators)
     assert planned.recipe is not None
-    return pipeline.evaluate(base, planned.recipe, model, data, policy, hardware, workdir, validators)
+    return pipeline.evaluate(base, planned.recipe, model, data, policy, hardware, workdir, validators, state)
 
 
 # The same task under its own name, so the Prefect UI says which recipes only ran their host-independent step.
@@ -165,17 +169,25 @@ def run_candidates(
     hardware: Hardware,
     workdir: Path,
     validators: list[Validator],
+    progress: ProgressArtifact | None = None,
 ) -> tuple[list[CandidateResult], float, float]:
-    """Every planned recipe compressed and measured here, in order; returns (results, compress_s, validate_s)."""
-    results: list[CandidateResult] = []
+    """Every planned recipe searched here, best expected value first, within the policy's search budget;
+    returns (results in plan order, compress_s, validate_s)."""
+    results: dict[int, CandidateResult] = {}
     compress_s = validate_s = 0.0
     baselines: dict[str, Baseline | str] = {}  # a str says why that backend's FP32 baseline failed
+    runnable = [i for i, p in enumerate(planned) if p.recipe is not None]
+    state = pipeline.SearchState.for_policy(policy, len(runnable))
+    if policy.search.cache:
+        state.cache = CandidateCache()
+        state.run_key = RunKey.make(taken.model.path, data.calibration.path, data.evaluation.path, hardware, policy)
 
     def baseline(name: str) -> Baseline | str:
         nonlocal validate_s
         if name not in baselines:
             reference = baseline(REFERENCE_BACKEND) if name != REFERENCE_BACKEND else None
             t = time.perf_counter()
+            state.emit("baseline", name)
             # A str result (e.g. a graph this runtime cannot convert) fails that backend's recipes; others go on.
             baselines[name] = baseline_task(
                 name, taken.model, data, policy, workdir, reference if isinstance(reference, Baseline) else None
@@ -184,21 +196,72 @@ def run_candidates(
         return baselines[name]
 
     has_labels = data.evaluation.has_labels
-    # Sequential on purpose: latency is measured on this host, and parallel candidates would disturb it.
-    for item in planned:
+    for i, item in enumerate(planned):
         if item.recipe is None:
-            results.append(pipeline.unavailable_result(item, hardware, has_labels, policy))
-            continue
-        base = baseline(REFERENCE_BACKEND if item.prepare_only else item.backend)
-        if isinstance(base, str):
-            results.append(pipeline.failed_result(item.recipe, base, hardware, has_labels, policy))
-            continue
-        step = prepared_task if item.prepare_only else candidate_task
-        run = step(item, base, taken.model, data, policy, hardware, workdir, validators)
-        compress_s += run.compress_s
-        validate_s += run.validate_s
-        results.append(run.result)
-    return results, compress_s, validate_s
+            results[i] = pipeline.unavailable_result(item, hardware, has_labels, policy)
+    pending = [search.Planned(i, p.recipe, search.prior(p.recipe, transformer=taken.model.is_transformer))
+               for i, p in enumerate(planned) if p.recipe is not None]  # fmt: skip
+    # Sequential on purpose: latency is measured on this host, and parallel candidates would disturb it.
+    with BuildWorker() as worker:
+        state.worker = worker
+        while pending:
+            pick = pending.pop(search.next_index(pending, quality_failed=state.quality_failed,
+                                                 quality_passed=state.quality_passed))  # fmt: skip
+            item = planned[pick.index]
+            assert item.recipe is not None
+            state.index += 1
+            base = baseline(REFERENCE_BACKEND if item.prepare_only else item.backend)
+            if isinstance(base, str):
+                results[pick.index] = pipeline.failed_result(item.recipe, base, hardware, has_labels, policy)
+                continue
+            step = prepared_task if item.prepare_only else candidate_task
+            run = step(item, base, taken.model, data, policy, hardware, workdir, validators, state)
+            compress_s += run.compress_s
+            validate_s += run.validate_s
+            results[pick.index] = run.result
+            if progress is not None:
+                progress.update(state)
+    state.emit("done", "")
+    if progress is not None:
+        progress.finish(state)
+    return [results[i] for i in sorted(results)], compress_s, validate_s
+
+
+def _progress_artifact(key: str) -> ProgressArtifact | None:
+    """A progress artifact when this runs inside a flow run; a failure to create one never fails the run."""
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return None
+    try:
+        return ProgressArtifact(key)
+    except Exception as exc:  # the Prefect API refused it: progress is a convenience, not part of the result
+        log.warning("no progress artifact: %s", exc)
+        return None
+
+
+class ProgressArtifact:
+    """The search's progress as a Prefect progress artifact on the flow run, updated after each candidate."""
+
+    def __init__(self, key: str) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        created = create_progress_artifact(0.0, key=key, description="quantgate search: starting")
+        assert isinstance(created, UUID)  # called from a synchronous flow: not a coroutine
+        self._id = created
+
+    def update(self, state: pipeline.SearchState) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        event = search.ProgressEvent("build", state.index + 1, state.total, "", state.budget.used, state.budget.seconds)
+        text = f"quantgate search: {state.index} of {state.total} candidates, {state.budget.describe()}"
+        update_progress_artifact(self._id, min(event.fraction * 100, 99.0), description=text)
+
+    def finish(self, state: pipeline.SearchState) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        text = f"quantgate search done: {state.total} candidates, {state.budget.describe()}"
+        update_progress_artifact(self._id, 100.0, description=text)
 
 
 @task(name="start-parent-run", cache_policy=NO_CACHE, persist_result=False, **MLFLOW_RETRY)
@@ -306,7 +369,10 @@ def run_compression(
         steps = _start_steps(remote, source, data, policy, tracking_uri, parent_id) if parent_id else []
         routed = {b for backends in remote.values() for b in backends}
         local = [p for p in planned if p.backend not in routed]
-        results, compress_s, validate_s = run_candidates(local, taken, data, policy, hardware, workdir, validators)
+        key = report.artifact_key({"source": {"name": source.name, "version": source.version}}) + "-progress"
+        results, compress_s, validate_s = run_candidates(
+            local, taken, data, policy, hardware, workdir, validators, _progress_artifact(key)
+        )
         results = targets.check_targets(results, policy)
         clock.lap("candidates")
         has_labels = data.evaluation.has_labels

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -78,6 +78,16 @@ class Runner(Protocol):
     """Something validators can call: inputs by name in, outputs in graph order out."""
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+@runtime_checkable
+class BareCall(Protocol):
+    """Optional on a runner: the runtime's own call with these inputs already bound, and nothing around it.
+
+    The latency validator times it against ``run`` on a trivial model to measure the runner's own overhead.
+    """
+
+    def bare(self, inputs: Mapping[str, np.ndarray]) -> Callable[[], object]: ...
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import metadata
@@ -41,6 +42,19 @@ def collect_outputs(runner: Runner, dataset: NpzDataset, limit: int | None) -> E
     return EvalOutputs(np.concatenate(rows), np.concatenate(labels) if labels else None)
 
 
+@dataclass(frozen=True)
+class LatencyTarget:
+    """What the measurement must decide: the gate's speedup threshold and, for ranking, the best so far.
+
+    ``beat``: the best passing candidate's speedup over the reference runner (index ``ref``) so far; measuring can
+    stop once this candidate's interval lies wholly above or below it, and wholly on one side of ``min_speedup``.
+    """
+
+    min_speedup: float | None
+    beat: float | None = None
+    ref: int | None = None
+
+
 @dataclass
 class ValidationContext:
     """Everything a validator may look at for one candidate; evaluation outputs are computed once."""
@@ -56,6 +70,13 @@ class ValidationContext:
     eval_limit: int | None = None
     # ONNX Runtime FP32, when the baseline is another runtime: the common yardstick across backends.
     reference_runner: Runner | None = None
+    # Fresh runners for cold-start timing, and a runner of the candidate's backend on a trivial model (with its
+    # inputs) for measuring the runner's own per-call overhead.
+    open_candidate: Callable[[], Runner] | None = None
+    open_baseline: Callable[[], Runner] | None = None
+    open_trivial: Callable[[], tuple[Runner, dict[str, np.ndarray]]] | None = None
+    # What latency measuring must decide (gate threshold, best so far), so it can stop once it has.
+    latency_target: LatencyTarget | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
     @cached_property

@@ -1,22 +1,61 @@
-"""Latency of candidate vs FP32 baseline, measured interleaved in one process on this host.
+"""Latency of candidate vs FP32 baseline, measured warm, in blocks, interleaved in one process on this host.
 
-Interleaving (ABBA order, round by round) makes both models see the same machine noise, which matters on
-a shared host: the ratio of medians is stable even when absolute times drift.
+A served model answers call after call: its weights and code stay in cache. Alternating single calls between
+models measures each one right after another model evicted it, and hurts runtimes unequally (a real MobileNetV3
+classifier read 1.46x that way and 1.73x in blocks of 10). So each runner is timed in a block of consecutive calls,
+long enough to last a few milliseconds; the first call of a block (the one after the switch) is not counted as
+warm. Runners still rotate block by block, so all of them see the same machine noise, and the speedup and its
+bootstrap interval come from paired blocks.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from quantgate.plugins.base import Runner
-from quantgate.validators.base import Measurement, ValidationContext
+from quantgate.plugins.base import BareCall, Runner
+from quantgate.validators.base import LatencyTarget, Measurement, ValidationContext
 
 REFERENCE_BACKEND = "onnxruntime"
 _BOOTSTRAP = 1000
 _SEED = 20261123
+MAX_BLOCK_CALLS = 64
+# Runner overhead above this share of a model's latency is flagged (for models above OVERHEAD_FLOOR_MS).
+OVERHEAD_LIMIT = 0.02
+OVERHEAD_FLOOR_MS = 1.0
+# Adaptive stopping looks at the interval every this many blocks, once ``min_rounds`` are in.
+_CHECK_EVERY = 10
+
+
+@dataclass(frozen=True)
+class BlockTimes:
+    """Per-call milliseconds of one runner, one row per block; column 0 is the call right after a switch."""
+
+    calls_ms: np.ndarray  # shape (blocks, block_calls)
+
+    @property
+    def block_calls(self) -> int:
+        return int(self.calls_ms.shape[1])
+
+    @property
+    def warm_ms(self) -> np.ndarray:
+        """Every warm call (all but each block's first, when a block has more than one call)."""
+        calls = self.calls_ms[:, 1:] if self.block_calls > 1 else self.calls_ms
+        return calls.reshape(-1)
+
+    @property
+    def block_ms(self) -> np.ndarray:
+        """Mean warm per-call milliseconds of each block: the paired samples speedups are computed from."""
+        calls = self.calls_ms[:, 1:] if self.block_calls > 1 else self.calls_ms
+        return np.asarray(calls.mean(axis=1))
+
+    @property
+    def blocks(self) -> int:
+        return int(self.calls_ms.shape[0])
 
 
 def _time_once(runner: Runner, inputs: Mapping[str, np.ndarray]) -> float:
@@ -25,38 +64,149 @@ def _time_once(runner: Runner, inputs: Mapping[str, np.ndarray]) -> float:
     return (time.perf_counter_ns() - start) / 1e6
 
 
-def measure_interleaved(
-    baseline: Runner, candidate: Runner, inputs: Mapping[str, np.ndarray], *, warmup: int, rounds: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-round milliseconds for baseline and candidate, alternating which goes first."""
-    base, cand = measure_rotating([baseline, candidate], inputs, warmup=warmup, rounds=rounds)
-    return base, cand
+def choose_block_calls(
+    runners: Sequence[Runner], inputs: Mapping[str, np.ndarray], min_block_ms: float, probe_calls: int = 5
+) -> int:
+    """Calls per block so that a block of the fastest runner lasts at least ``min_block_ms``."""
+    fastest = min(float(np.median([_time_once(r, inputs) for _ in range(probe_calls)])) for r in runners)
+    # One call after the switch is discarded, so a block needs at least two.
+    return int(min(MAX_BLOCK_CALLS, max(2, math.ceil(min_block_ms / max(fastest, 1e-3)) + 1)))
 
 
-def measure_rotating(
-    runners: Sequence[Runner], inputs: Mapping[str, np.ndarray], *, warmup: int, rounds: int
-) -> list[np.ndarray]:
-    """Per-round milliseconds for every runner; each round starts with the next runner, so none is always first."""
+StopRule = Callable[[list[BlockTimes]], bool]
+
+
+def measure_blocked(
+    runners: Sequence[Runner],
+    inputs: Mapping[str, np.ndarray],
+    *,
+    warmup: int,
+    rounds: int,
+    block_calls: int,
+    min_rounds: int | None = None,
+    stop: StopRule | None = None,
+) -> list[BlockTimes]:
+    """Per-call milliseconds for every runner, in blocks of ``block_calls``; each round starts with the next runner,
+    so none is always first. With ``stop``, measuring ends early once ``stop`` says the figures decide (checked
+    every few rounds after ``min_rounds``)."""
     for _ in range(warmup):
         for runner in runners:
             runner.run(inputs)
-    times = [np.empty(rounds) for _ in runners]
     n = len(runners)
+    times = [np.empty((rounds, block_calls)) for _ in runners]
+    done = rounds
+    floor = rounds if min_rounds is None else max(min_rounds, 2)
     for i in range(rounds):
         for j in range(n):
             k = (i + j) % n
-            times[k][i] = _time_once(runners[k], inputs)
-    return times
+            row = times[k][i]
+            runner = runners[k]
+            for c in range(block_calls):
+                row[c] = _time_once(runner, inputs)
+        check = stop is not None and i + 1 >= floor and (i + 1) % _CHECK_EVERY == 0
+        if check and stop is not None and stop([BlockTimes(t[: i + 1]) for t in times]):
+            done = i + 1
+            break
+    return [BlockTimes(t[:done]) for t in times]
+
+
+def measure_interleaved(
+    baseline: Runner, candidate: Runner, inputs: Mapping[str, np.ndarray], *, warmup: int, rounds: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Warm per-block milliseconds for baseline and candidate (blocks lasting at least 5 ms)."""
+    block = choose_block_calls([baseline, candidate], inputs, 5.0)
+    base, cand = measure_blocked([baseline, candidate], inputs, warmup=warmup, rounds=rounds, block_calls=block)
+    return base.block_ms, cand.block_ms
 
 
 def speedup_ci(base: np.ndarray, cand: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Percentile-bootstrap interval of median(base)/median(cand), resampling paired rounds."""
+    """Percentile-bootstrap interval of median(base)/median(cand), resampling paired blocks."""
     rng = np.random.default_rng(_SEED)
     idx = rng.integers(0, len(base), size=(_BOOTSTRAP, len(base)))
     ratios = np.median(base[idx], axis=1) / np.median(cand[idx], axis=1)
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(ratios, [tail, 100 - tail])
     return float(low), float(high)
+
+
+# -- what decides early stopping ------------------------------------------------------------------------------
+
+
+def decided(times: list[BlockTimes], target: LatencyTarget) -> bool:
+    """True once more blocks could not change the gate's verdict nor the ranking against ``target.beat``."""
+    base, cand = times[0].block_ms, times[1].block_ms
+    if target.min_speedup is not None:
+        low, high = speedup_ci(base, cand)
+        if low <= target.min_speedup <= high:
+            return False
+        if high < target.min_speedup:
+            return True  # fails the gate: the ranking no longer matters
+    if target.beat is not None and target.ref is not None and target.ref < len(times):
+        low, high = speedup_ci(times[target.ref].block_ms, cand)
+        if low <= target.beat <= high:
+            return False
+    return True
+
+
+# -- cold start and runner overhead ------------------------------------------------------------------------------
+
+
+def first_call_ms(
+    open_runner: Callable[[], Runner], inputs: Mapping[str, np.ndarray], times: int
+) -> tuple[float, float]:
+    """Median (load ms, first-call ms) over ``times`` fresh loads: what a serverless user waits for."""
+    loads, firsts = [], []
+    for _ in range(times):
+        t0 = time.perf_counter_ns()
+        runner = open_runner()
+        t1 = time.perf_counter_ns()
+        runner.run(inputs)
+        t2 = time.perf_counter_ns()
+        loads.append((t1 - t0) / 1e6)
+        firsts.append((t2 - t1) / 1e6)
+        del runner
+    return float(np.median(loads)), float(np.median(firsts))
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """The Python work a runner does around its runtime call, measured on a trivial model."""
+
+    call_ms: float  # runner.run on the trivial model
+    bare_ms: float | None  # the runtime call alone, where the runner exposes it
+    overhead_ms: float  # call_ms - bare_ms (or call_ms when the bare call is unknown: an upper bound)
+
+
+def measure_overhead(
+    runner: Runner, inputs: Mapping[str, np.ndarray], *, calls: int = 200, blocks: int = 15
+) -> Overhead:
+    """Median per-call time of ``runner.run`` and of its bare runtime call, alternating in blocks."""
+    bare: Callable[[], object] | None = runner.bare(inputs) if isinstance(runner, BareCall) else None
+    run_ms: list[float] = []
+    bare_ms: list[float] = []
+    for _ in range(blocks):
+        t0 = time.perf_counter_ns()
+        for _ in range(calls):
+            runner.run(inputs)
+        run_ms.append((time.perf_counter_ns() - t0) / 1e6 / calls)
+        if bare is not None:
+            t0 = time.perf_counter_ns()
+            for _ in range(calls):
+                bare()
+            bare_ms.append((time.perf_counter_ns() - t0) / 1e6 / calls)
+    call = float(np.median(run_ms))
+    if bare is None:
+        return Overhead(call, None, call)
+    raw = float(np.median(bare_ms))
+    return Overhead(call, raw, max(call - raw, 0.0))
+
+
+def overhead_flagged(overhead_ms: float, latency_ms: float) -> bool:
+    """Whether a runner's own work distorts a model's latency figure (models above 1 ms; more than 2%)."""
+    return latency_ms > OVERHEAD_FLOOR_MS and overhead_ms > OVERHEAD_LIMIT * latency_ms
+
+
+# -- the validator ---------------------------------------------------------------------------------------------
 
 
 def _batch(ctx: ValidationContext, size: int) -> dict[str, np.ndarray]:
@@ -71,13 +221,19 @@ def _batch(ctx: ValidationContext, size: int) -> dict[str, np.ndarray]:
 class LatencyValidator:
     name = "latency"
 
+    def __init__(self) -> None:
+        # Per run (validators are loaded once per compression run): the baseline's cold start and each runner type's
+        # overhead are measured once, not once per candidate.
+        self._cold: dict[str, tuple[float, float]] = {}
+        self._overhead: dict[str, Overhead] = {}
+
     def applies(self, ctx: ValidationContext) -> bool:
         return True
 
     def measure(self, ctx: ValidationContext) -> Measurement:
         cfg = ctx.latency
-        metrics: dict[str, float] = {"threads": float(cfg.threads), "rounds": float(cfg.rounds)}
-        rounds_ms: dict[str, list[float]] = {}
+        metrics: dict[str, float] = {"threads": float(cfg.threads)}
+        details: dict[str, object] = {"threads": cfg.threads, "batch_sizes": list(cfg.batch_sizes)}
         reference = ctx.reference_runner
         on_reference = ctx.baseline.recipe.backend == REFERENCE_BACKEND
         for i, size in enumerate(cfg.batch_sizes):
@@ -85,33 +241,103 @@ class LatencyValidator:
             runners = [ctx.baseline_runner, ctx.candidate_runner]
             if reference is not None and not on_reference:
                 runners.append(reference)
-            timed = measure_rotating(runners, inputs, warmup=cfg.warmup, rounds=cfg.rounds)
-            base, cand = timed[0], timed[1]
-            low, high = speedup_ci(base, cand)
-            per_batch = {
-                "baseline_latency_p50_ms": float(np.median(base)),
-                "baseline_latency_p95_ms": float(np.percentile(base, 95)),
-                "latency_p50_ms": float(np.median(cand)),
-                "latency_p95_ms": float(np.percentile(cand, 95)),
-                "speedup": float(np.median(base) / np.median(cand)),
-                "speedup_ci_low": low,
-                "speedup_ci_high": high,
-            }
-            if on_reference:  # the baseline is ONNX Runtime FP32 already
-                per_batch["speedup_vs_ort_fp32"] = per_batch["speedup"]
-            elif len(timed) == 3:
-                ref = timed[2]
-                per_batch["ort_fp32_latency_p50_ms"] = float(np.median(ref))
-                per_batch["speedup_vs_ort_fp32"] = float(np.median(ref) / np.median(cand))
-                per_batch["baseline_speedup_vs_ort_fp32"] = float(np.median(ref) / np.median(base))
+            block = cfg.block_calls or choose_block_calls(runners, inputs, cfg.min_block_ms)
+            stop = None
+            if cfg.adaptive and i == 0 and ctx.latency_target is not None:
+                target = ctx.latency_target
+                if target.ref is None:
+                    target = LatencyTarget(target.min_speedup, target.beat, 0 if on_reference else 2)
+                stop = _stop_rule(target)
+            timed = measure_blocked(
+                runners, inputs, warmup=cfg.warmup, rounds=cfg.rounds, block_calls=block,
+                min_rounds=cfg.min_rounds, stop=stop,
+            )  # fmt: skip
+            per_batch = _figures(timed, on_reference)
+            per_batch["block_calls"] = float(block)
+            per_batch["rounds"] = float(timed[0].blocks)
             metrics.update({f"{k}_b{size}": v for k, v in per_batch.items()})
             if i == 0:  # the first batch size is the one the gate reads
                 metrics.update(per_batch)
                 metrics["gate_batch_size"] = float(size)
-                # Every round, so a report can draw the distributions and not only p50/p95.
-                rounds_ms = {"baseline": _rounded(base), "candidate": _rounded(cand)}
-        details = {"threads": cfg.threads, "batch_sizes": list(cfg.batch_sizes), "rounds_ms": rounds_ms}
+                # Every block, so a report can draw the distributions and not only p50/p95.
+                details["rounds_ms"] = {
+                    "baseline": _rounded(timed[0].block_ms),
+                    "candidate": _rounded(timed[1].block_ms),
+                }
+                details["block_calls"] = block
+                details["blocks"] = timed[0].blocks
+                details["stopped_early"] = timed[0].blocks < cfg.rounds
+        first = _batch(ctx, cfg.batch_sizes[0])
+        metrics.update(self._cold_start(ctx, first))
+        notes = self._overhead_figures(ctx, metrics)
+        details["notes"] = notes
         return Measurement(self.name, metrics, details)
+
+    def _cold_start(self, ctx: ValidationContext, inputs: Mapping[str, np.ndarray]) -> dict[str, float]:
+        cfg = ctx.latency
+        if cfg.cold_starts == 0 or ctx.open_candidate is None or ctx.open_baseline is None:
+            return {}
+        key = str(ctx.baseline.artifact)
+        if key not in self._cold:
+            self._cold[key] = first_call_ms(ctx.open_baseline, inputs, cfg.cold_starts)
+        base_load, base_first = self._cold[key]
+        load, first = first_call_ms(ctx.open_candidate, inputs, cfg.cold_starts)
+        return {
+            "load_ms": load,
+            "first_call_ms": first,
+            "baseline_load_ms": base_load,
+            "baseline_first_call_ms": base_first,
+            "first_call_speedup": base_first / first if first > 0 else 0.0,
+        }
+
+    def _overhead_figures(self, ctx: ValidationContext, metrics: dict[str, float]) -> list[str]:
+        if ctx.open_trivial is None:
+            return []
+        backend = ctx.candidate.recipe.backend
+        if backend not in self._overhead:
+            runner, inputs = ctx.open_trivial()
+            self._overhead[backend] = measure_overhead(runner, inputs)
+        over = self._overhead[backend]
+        metrics["runner_overhead_ms"] = over.overhead_ms
+        metrics["runner_trivial_call_ms"] = over.call_ms
+        latency = metrics.get("latency_p50_ms", 0.0)
+        if not overhead_flagged(over.overhead_ms, latency):
+            return []
+        metrics["runner_overhead_flagged"] = 1.0
+        what = "its per-call work" if over.bare_ms is not None else "its per-call floor (no bare call to subtract)"
+        return [
+            f"the {backend} runner's {what} is {over.overhead_ms * 1000:.0f} us on a trivial model, "
+            f"{over.overhead_ms / latency:.1%} of this model's {latency:.2f} ms: its latency figure is inflated"
+        ]
+
+
+def _stop_rule(target: LatencyTarget) -> StopRule:
+    return lambda times: decided(times, target)
+
+
+def _figures(timed: list[BlockTimes], on_reference: bool) -> dict[str, float]:
+    base, cand = timed[0], timed[1]
+    low, high = speedup_ci(base.block_ms, cand.block_ms)
+    out = {
+        # p50: the median block (a block's mean warm call), so speedups are ratios of these; p95: of single calls.
+        "baseline_latency_p50_ms": float(np.median(base.block_ms)),
+        "baseline_latency_p95_ms": float(np.percentile(base.warm_ms, 95)),
+        "latency_p50_ms": float(np.median(cand.block_ms)),
+        "latency_p95_ms": float(np.percentile(cand.warm_ms, 95)),
+        "speedup": float(np.median(base.block_ms) / np.median(cand.block_ms)),
+        "speedup_ci_low": low,
+        "speedup_ci_high": high,
+    }
+    if on_reference:  # the baseline is ONNX Runtime FP32 already
+        out["speedup_vs_ort_fp32"] = out["speedup"]
+        out["speedup_vs_ort_fp32_ci_low"], out["speedup_vs_ort_fp32_ci_high"] = low, high
+    elif len(timed) == 3:
+        ref = timed[2]
+        out["ort_fp32_latency_p50_ms"] = float(np.median(ref.block_ms))
+        out["speedup_vs_ort_fp32"] = float(np.median(ref.block_ms) / np.median(cand.block_ms))
+        out["speedup_vs_ort_fp32_ci_low"], out["speedup_vs_ort_fp32_ci_high"] = speedup_ci(ref.block_ms, cand.block_ms)
+        out["baseline_speedup_vs_ort_fp32"] = float(np.median(ref.block_ms) / np.median(base.block_ms))
+    return out
 
 
 def _rounded(values: np.ndarray) -> list[float]:

@@ -133,6 +133,7 @@ def test_one_run_evaluates_every_backend_and_promotes_the_fastest_on_a_common_sc
         backends=["onnxruntime", "openvino", "tensorrt"],
         recipes=["int8-static-qdq-minmax-perchannel", "int8-ptq-performance", "int8-accuracy-control", "int8-qdq"],
         accuracy_control={"time_budget_s": 300, "samples": 200},
+        registry={"register_all_passing": True},
     )
     doc = compress_model(digits_uri, policy, tracking_uri)
 

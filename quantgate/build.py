@@ -1,0 +1,149 @@
+"""Building a candidate where it can be stopped: a spawned worker process, killed when a build overruns its deadline.
+
+NNCF's quantization and accuracy control and ONNX Runtime's calibration run in C++ and in library loops that never
+look at a clock: a cooperative deadline only stops them between the steps that check it (accuracy control once ran
+over 20 minutes against a 10-minute budget). A process can always be stopped. One worker serves every build of a run
+(its imports are paid once) and is replaced after it was killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from quantgate.data import NpzDataset
+from quantgate.errors import BackendError, BackendUnavailable, QuantgateError
+from quantgate.model import ModelInfo
+from quantgate.plugins.base import Calibration, Candidate, Recipe, load_backend
+
+log = logging.getLogger(__name__)
+
+
+class BuildTimeout(QuantgateError):
+    """A build ran past its deadline and its worker was stopped."""
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """What an accuracy-aware recipe validates against (the backend's ``configure_accuracy_control`` arguments)."""
+
+    validation: NpzDataset
+    metric: str
+    max_drop: float
+    time_budget_s: float
+    limit: int | None = None
+    caveat: str = ""
+
+    def with_budget(self, seconds: float) -> Tuning:
+        return Tuning(self.validation, self.metric, self.max_drop, seconds, self.limit, self.caveat)
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    backend: str
+    model: ModelInfo
+    recipe: Recipe
+    calibration: Calibration
+    workdir: Path
+    tuning: Tuning | None = None
+
+
+def build(job: BuildJob) -> Candidate:
+    """Run one recipe's compress step in this process (what the worker calls)."""
+    backend = load_backend(job.backend)
+    configure = getattr(backend, "configure_accuracy_control", None)
+    if job.tuning is not None and configure is not None:
+        t = job.tuning
+        configure(t.validation, t.metric, t.max_drop, t.time_budget_s, limit=t.limit, caveat=t.caveat)
+    return backend.compress(job.model, job.recipe, job.calibration, job.workdir)
+
+
+def _serve(conn: Connection) -> None:
+    """The worker's loop: (function, argument) in, ("ok", value) or ("error", kind, message) out, until None."""
+    while True:
+        item = conn.recv()
+        if item is None:
+            return
+        fn, arg = item
+        try:
+            conn.send(("ok", fn(arg)))
+        except (BackendError, BackendUnavailable) as exc:
+            conn.send(("error", "backend", str(exc)))
+        except BaseException as exc:  # anything else is not the recipe's verdict: the parent re-raises it
+            conn.send(("error", "crash", f"{type(exc).__name__}: {exc}"))
+
+
+class BuildWorker:
+    """A spawned process that builds candidates one at a time; ``close()`` when the run is done."""
+
+    def __init__(self) -> None:
+        self._proc: Any = None
+        self._conn: Connection | None = None
+
+    def _start(self) -> Connection:
+        if self._conn is None or self._proc is None or not self._proc.is_alive():
+            ctx = mp.get_context("spawn")  # never fork a process that runs Prefect's and ONNX Runtime's threads
+            parent, child = ctx.Pipe()
+            self._proc = ctx.Process(target=_serve, args=(child,), daemon=True, name="quantgate-build")
+            self._proc.start()
+            child.close()
+            self._conn = parent
+        return self._conn
+
+    def run(self, job: BuildJob, timeout_s: float) -> Candidate:
+        """The candidate, or ``BackendError`` for the recipe's own failure, or ``BuildTimeout`` past ``timeout_s``."""
+        candidate: Candidate = self.call(build, job, timeout_s, what=job.recipe.name)
+        return candidate
+
+    def call(self, fn: Callable[[Any], Any], arg: Any, timeout_s: float, *, what: str) -> Any:
+        """``fn(arg)`` in the worker (both picklable), stopped past ``timeout_s``."""
+        conn = self._start()
+        started = time.monotonic()
+        conn.send((fn, arg))
+        if not conn.poll(max(timeout_s, 0.0)):
+            self.kill()
+            raise BuildTimeout(
+                f"{what} was stopped after {time.monotonic() - started:.1f} s: it ran past the "
+                f"{timeout_s:.1f} s left in the search budget"
+            )
+        try:
+            reply = conn.recv()
+        except EOFError:  # the worker died (out of memory, a crash in native code)
+            self.kill()
+            raise BackendError(f"{what} failed: the build process died") from None
+        if reply[0] == "ok":
+            return reply[1]
+        _, kind, message = reply
+        if kind == "backend":
+            raise BackendError(message)
+        raise RuntimeError(f"building {what} crashed: {message}")
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        self._proc = None
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+
+    def close(self) -> None:
+        if self._conn is not None and self._proc is not None and self._proc.is_alive():
+            try:
+                self._conn.send(None)
+                self._proc.join(5)
+            except OSError:
+                pass
+        self.kill()
+
+    def __enter__(self) -> BuildWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,186 @@
+"""The search over recipes: which to try next, what each stage may skip, and one time budget for the whole run.
+
+Cost should grow with what is worth measuring, not with the size of the menu. So candidates are tried in order of
+expected value (recipes that usually win on this kind of graph first; the float-restoring searches as soon as plain
+INT8 has failed on quality), and each goes through stages that stop early: a quality check on a small subset (a
+candidate far outside the gate stops there), full quality, then latency only for what passed quality, timed until
+its confidence interval decides the gate and the ranking. Whatever is not measured to the end is still reported, as
+``skipped`` with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from quantgate.plugins.base import Recipe
+from quantgate.policy import Policy
+from quantgate.validators.base import EvalOutputs
+from quantgate.validators.fidelity import cosine_per_row
+
+log = logging.getLogger("quantgate")
+progress_log = logging.getLogger("quantgate.progress")
+
+# How many standard errors outside the gate a quick-check estimate must be to stop the candidate there.
+QUICK_Z = 3.0
+
+
+class Budget:
+    """The run's wall-clock budget; ``None`` seconds (an exhaustive search) never runs out."""
+
+    def __init__(self, seconds: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self.started = clock()
+
+    @property
+    def used(self) -> float:
+        return self._clock() - self.started
+
+    @property
+    def remaining(self) -> float:
+        return float("inf") if self.seconds is None else max(self.seconds - self.used, 0.0)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.remaining <= 0.0
+
+    def describe(self) -> str:
+        if self.seconds is None:
+            return f"{self.used:.0f} s used (no budget: exhaustive)"
+        return f"{self.used:.0f} s of {self.seconds:.0f} s used"
+
+
+# -- order of expected value ---------------------------------------------------------------------------------------
+
+
+def prior(recipe: Recipe, *, transformer: bool) -> float:
+    """How likely a recipe is to give the promoted variant, before anything is measured (higher: try first).
+
+    From what was measured on real models (README, "Search"): full INT8 with reduced-precision float parts and plain
+    full INT8 win most often; reduced-precision float is cheap and rarely loses quality; float-restoring searches are
+    expensive and only pay when plain INT8 fails quality; dynamic INT8 pays on transformers only; weight-only and
+    FP16 storage make a smaller file, rarely a faster one on CPUs.
+    """
+    o = recipe.options
+    kind, name = str(o.get("kind", "")), recipe.name
+    reduced_float = str(o.get("inference_precision", "f32")) in ("bf16", "f16")
+    if kind in ("accuracy_control", "mixed") or "mixed-search" in name or name.endswith("-mixed"):
+        base = 2.0
+    elif kind in ("static", "quantize"):
+        calibration = str(o.get("calibration", "minmax"))
+        base = 3.0 if calibration == "minmax" and o.get("per_channel", True) is not False else 2.2
+        if o.get("preset") == "mixed" and not transformer:
+            base = 2.4
+    elif kind == "dynamic":
+        base = 2.6 if transformer else 0.5
+    elif kind in ("fp16", "weights"):
+        base = 0.8 if reduced_float else 0.3
+    else:
+        base = 1.5
+    if reduced_float:
+        base += 0.5
+    return base
+
+
+@dataclass
+class Planned:
+    """One recipe still to try and what is known about it."""
+
+    index: int  # position in the plan, for a stable order among equals
+    recipe: Recipe
+    score: float
+
+
+def next_index(pending: Sequence[Planned], *, quality_failed: int, quality_passed: int) -> int:
+    """The position in ``pending`` of the recipe to try next.
+
+    Once plain INT8 has failed on quality and nothing has passed it, the float-restoring searches are what is left to
+    gain, so they move to the front.
+    """
+
+    def value(p: Planned) -> tuple[float, int]:
+        score = p.score
+        restoring = p.recipe.options.get("kind") in ("accuracy_control", "mixed") or p.recipe.name.endswith("-mixed")
+        if restoring and quality_failed and not quality_passed:
+            score += 2.0
+        return (score, -p.index)
+
+    return max(range(len(pending)), key=lambda i: value(pending[i]))
+
+
+# -- the quick quality check ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuickVerdict:
+    far_outside: bool
+    detail: str
+
+
+def quick_check(base: EvalOutputs, cand: EvalOutputs, policy: Policy, *, has_labels: bool) -> QuickVerdict:
+    """Quality on the first samples: far outside the gate (by more than ``QUICK_Z`` standard errors) or not."""
+    n = len(cand.outputs)
+    b, c = base.outputs[:n], cand.outputs
+    gate = policy.gate
+    if has_labels and gate.max_accuracy_drop is not None and base.labels is not None:
+        labels = base.labels[:n]
+        diff = (np.argmax(b, axis=1) == labels).astype(float) - (np.argmax(c, axis=1) == labels).astype(float)
+        drop, se = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+        if drop - QUICK_Z * se > gate.max_accuracy_drop:
+            return QuickVerdict(
+                True,
+                f"quick check on {n} samples: top-1 drop {drop * 100:.1f} ± {se * 100:.1f} points, far above the "
+                f"{gate.max_accuracy_drop * 100:.1f} allowed",
+            )
+    if gate.min_fidelity is not None:
+        cos = cosine_per_row(b, c)
+        mean, se = float(cos.mean()), float(cos.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+        if mean + QUICK_Z * se < gate.min_fidelity:
+            return QuickVerdict(
+                True,
+                f"quick check on {n} samples: fidelity {mean:.6f} ± {se:.6f}, far below the {gate.min_fidelity:.6f} "
+                "required",
+            )
+    return QuickVerdict(False, "")
+
+
+# -- progress ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Where the search is: shown live on the terminal and as a Prefect progress artifact."""
+
+    stage: str  # "baseline", "build", "quick", "quality", "latency", "done"
+    index: int  # candidate i of ``total`` (1-based; 0 before the first)
+    total: int
+    label: str  # backend/recipe
+    used_s: float
+    budget_s: float | None
+
+    @property
+    def fraction(self) -> float:
+        by_count = (self.index - 1 + _STAGE_SHARE.get(self.stage, 0.0)) / max(self.total, 1)
+        if self.stage == "done":
+            return 1.0
+        by_time = self.used_s / self.budget_s if self.budget_s else 0.0
+        return float(min(max(by_count, by_time, 0.0), 0.99))
+
+    def describe(self) -> str:
+        budget = f"{self.used_s:.0f}/{self.budget_s:.0f} s" if self.budget_s else f"{self.used_s:.0f} s"
+        if self.stage == "done":
+            return f"search done: {self.total} candidates in {budget}"
+        return f"{self.stage} · candidate {self.index}/{self.total} {self.label} · {budget} of the budget"
+
+
+_STAGE_SHARE = {"build": 0.0, "quick": 0.4, "quality": 0.5, "latency": 0.7}
+
+
+def report_progress(event: ProgressEvent) -> None:
+    """Emit a progress event as a log record on ``quantgate.progress``: the CLI draws it, the flow publishes it."""
+    progress_log.info(event.describe(), extra={"quantgate_progress": event})

@@ -1,0 +1,34 @@
+"""Builds run in a worker process that the search budget can stop."""
+
+import time
+
+import pytest
+
+from quantgate.build import BuildTimeout, BuildWorker
+from quantgate.errors import BackendError
+
+
+def test_the_budget_stops_a_step_that_runs_long_and_the_worker_comes_back() -> None:
+    with BuildWorker() as worker:
+        assert worker.call(abs, -3, 60, what="warm-up") == 3  # the worker's start is not what is timed below
+        started = time.monotonic()
+        with pytest.raises(BuildTimeout, match=r"slow-recipe was stopped after 1\.\d s: it ran past the 1\.0 s left"):
+            worker.call(time.sleep, 30, 1.0, what="slow-recipe")
+        assert time.monotonic() - started < 5  # stopped, not waited for
+        assert worker.call(abs, -4, 60, what="next") == 4  # a fresh worker serves the next build
+
+
+def test_a_failing_build_is_the_recipes_failure_and_a_crash_is_not() -> None:
+    with BuildWorker() as worker:
+        with pytest.raises(BackendError, match="not an int"):
+            worker.call(_backend_error, "not an int", 60, what="bad")
+        with pytest.raises(RuntimeError, match="crashed: ZeroDivisionError"):
+            worker.call(_divide, 0, 60, what="crash")
+
+
+def _backend_error(message: str) -> None:
+    raise BackendError(message)
+
+
+def _divide(x: int) -> float:
+    return 1 / x

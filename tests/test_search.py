@@ -1,0 +1,158 @@
+"""The staged, budgeted search: what it skips and why, its order, its budget, its cache, its progress events."""
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from quantgate import pipeline
+from quantgate.build import BuildWorker
+from quantgate.cache import CandidateCache, RunKey
+from quantgate.data import NpzDataset
+from quantgate.hardware import detect
+from quantgate.model import read_model_info
+from quantgate.plugins.base import Recipe
+from quantgate.plugins.onnxruntime import OnnxRuntimeBackend
+from quantgate.policy import Policy, parse_policy
+from quantgate.search import Budget, Planned, next_index, prior
+from quantgate.validators.base import collect_outputs
+from tests.conftest import test_policy
+
+STATIC = "int8-static-qdq-minmax-perchannel"
+
+
+@pytest.fixture()
+def setup(digits_onnx: Path, calib_npz: Path, eval_npz: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    model = read_model_info(digits_onnx)
+    data = pipeline.DataSets(NpzDataset.open(calib_npz), NpzDataset.open(eval_npz), "c", "e")
+    backend = OnnxRuntimeBackend()
+    cand = backend.baseline(model, tmp_path)
+    runner = backend.runner(cand, threads=1)
+    base = pipeline.Baseline(backend, cand, runner, collect_outputs(runner, data.evaluation, None))
+    recipe = next(r for r in backend.recipes(model) if r.name == STATIC)
+    return model, data, base, recipe
+
+
+def _policy(calib: Path, evaluation: Path, **overrides: object) -> Policy:
+    return parse_policy(test_policy(calib, evaluation, **overrides))
+
+
+def test_a_candidate_far_outside_the_gate_stops_at_the_quick_check_and_says_why(
+    setup, calib_npz: Path, eval_npz: Path, tmp_path: Path
+) -> None:
+    model, data, base, recipe = setup
+    # INT8 keeps top-1 on digits but its outputs are not identical to FP32's: far below a 0.999999 fidelity gate.
+    policy = _policy(calib_npz, eval_npz, gate={"min_fidelity": 0.999999})
+    state = pipeline.SearchState.for_policy(policy, 1)
+    run = pipeline.evaluate(base, recipe, model, data, policy, detect(), tmp_path, state=state)
+    assert run.result.status == "skipped"
+    (reason,) = run.result.verdict.reasons
+    assert reason.startswith("quick check on 64 samples: fidelity") and "far below the 0.999999 required" in reason
+    assert "latency_p50_ms" not in run.result.metrics and state.quality_failed == 1
+    assert run.result.to_dict()["status"] == "skipped"
+
+
+def test_a_candidate_failing_full_quality_is_never_timed(
+    setup, calib_npz: Path, eval_npz: Path, tmp_path: Path
+) -> None:
+    model, data, base, recipe = setup
+    policy = _policy(calib_npz, eval_npz, gate={"max_size_ratio": 0.01}, search={"quick_samples": 8})
+    policy = policy.model_copy(update={"gate": policy.gate.model_copy(update={"max_size_ratio": 0.01})})
+    run = pipeline.evaluate(
+        base, recipe, model, data, policy, detect(), tmp_path, state=pipeline.SearchState.for_policy(policy, 1)
+    )
+    assert run.result.status == "failed"
+    assert any("size ratio" in r for r in run.result.verdict.reasons)
+    assert "latency_p50_ms" not in run.result.metrics
+    assert "latency not measured: the candidate failed on quality" in run.result.notes
+
+
+def test_a_spent_budget_skips_what_is_left_and_says_so(setup, calib_npz: Path, eval_npz: Path, tmp_path: Path) -> None:
+    model, data, base, recipe = setup
+    policy = _policy(calib_npz, eval_npz)
+    state = pipeline.SearchState.for_policy(policy, 1)
+    state.budget = Budget(1.0, clock=iter([0.0, 5.0, 5.0, 5.0, 5.0, 5.0]).__next__)
+    run = pipeline.evaluate(base, recipe, model, data, policy, detect(), tmp_path, state=state)
+    assert run.result.status == "skipped"
+    assert run.result.verdict.reasons == ["not tried: the search budget was spent (5 s of 1 s used)"]
+
+
+def test_the_budget_stops_a_build_that_runs_past_it(setup, calib_npz: Path, eval_npz: Path, tmp_path: Path) -> None:
+    model, data, base, _ = setup
+    # Entropy calibration over 256 samples takes seconds here; the budget leaves it a tenth of one.
+    recipe = next(r for r in base.backend.recipes(model) if r.name == "int8-static-qdq-entropy-perchannel")
+    policy = _policy(calib_npz, eval_npz, data={"calibration": str(calib_npz), "evaluation": str(eval_npz)})
+    state = pipeline.SearchState.for_policy(policy, 1)
+    with BuildWorker() as worker:
+        worker.call(abs, 0, 120, what="warm-up")
+        state.worker, state.budget = worker, Budget(0.1)
+        run = pipeline.evaluate(base, recipe, model, data, policy, detect(), tmp_path, state=state)
+    assert run.result.status == "skipped"
+    assert "was stopped after" in run.result.verdict.reasons[0]
+    assert run.compress_s < 3
+
+
+def test_a_cached_rerun_remeasures_nothing_and_regates_under_a_stricter_gate(
+    setup, calib_npz: Path, eval_npz: Path, tmp_path: Path
+) -> None:
+    model, data, base, recipe = setup
+    policy = _policy(calib_npz, eval_npz)
+    hw = detect()
+
+    def run(p: Policy) -> pipeline.CandidateRun:
+        state = pipeline.SearchState.for_policy(p, 1)
+        state.cache = CandidateCache(tmp_path / "cache")
+        state.run_key = RunKey.make(model.path, calib_npz, eval_npz, hw, p)
+        return pipeline.evaluate(base, recipe, model, data, p, hw, tmp_path / "work", state=state)
+
+    first = run(policy)
+    assert first.result.passed and not first.extra.get("cached")
+    again = run(policy)
+    assert again.extra.get("cached") and again.compress_s == 0 and again.validate_s == 0
+    assert again.result.metrics == first.result.metrics and again.result.passed
+    assert again.result.artifact is not None and again.result.artifact.exists()
+    strict = policy.model_copy(update={"gate": policy.gate.model_copy(update={"min_speedup": 1000.0})})
+    regated = run(strict)
+    assert regated.extra.get("cached") and not regated.result.passed
+    assert any("at least 1000.00x required" in r for r in regated.result.verdict.reasons)
+    # a different latency set-up is a different measurement
+    other = policy.model_copy(update={"latency": policy.latency.model_copy(update={"rounds": 41})})
+    assert not run(other).extra.get("cached")
+
+
+def test_search_order_tries_likely_winners_first_and_restoring_searches_after_int8_fails() -> None:
+    def make(name: str, **settings: object) -> Recipe:
+        return Recipe.make("b", name, "int8", **settings)  # type: ignore[arg-type]
+
+    recipes = [
+        make("fp16-storage", kind="fp16"),
+        make("dynamic", kind="dynamic"),
+        make("restore", kind="accuracy_control"),
+        make("static", kind="static", calibration="minmax", per_channel=True),
+        make("static-bf16", kind="quantize", inference_precision="bf16"),
+    ]
+    pending = [Planned(i, r, prior(r, transformer=False)) for i, r in enumerate(recipes)]
+    first = pending[next_index(pending, quality_failed=0, quality_passed=0)]
+    assert first.recipe.name == "static-bf16"
+    left = [p for p in pending if p.recipe.name not in ("static-bf16", "static")]
+    assert left[next_index(left, quality_failed=2, quality_passed=0)].recipe.name == "restore"
+    assert left[next_index(left, quality_failed=2, quality_passed=1)].recipe.name == "restore"  # still ahead
+    assert prior(make("dynamic", kind="dynamic"), transformer=True) > prior(
+        make("d", kind="dynamic"), transformer=False
+    )
+
+
+def test_progress_events_name_the_stage_the_candidate_and_the_budget(
+    setup, calib_npz: Path, eval_npz: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, data, base, recipe = setup
+    policy = _policy(calib_npz, eval_npz)
+    state = pipeline.SearchState.for_policy(policy, 3)
+    state.index = 2
+    with caplog.at_level(logging.INFO, logger="quantgate.progress"):
+        pipeline.evaluate(base, recipe, model, data, policy, detect(), tmp_path, state=state)
+    events = [r.quantgate_progress for r in caplog.records if hasattr(r, "quantgate_progress")]
+    assert [e.stage for e in events] == ["build", "quick", "quality", "latency"]
+    assert events[-1].describe().startswith(f"latency · candidate 2/3 onnxruntime/{STATIC} · ")
+    assert events[-1].describe().endswith("/180 s of the budget")
+    assert 0 < events[-1].fraction < 1
