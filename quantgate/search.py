@@ -25,6 +25,9 @@ from quantgate.validators.fidelity import cosine_per_row
 log = logging.getLogger("quantgate")
 progress_log = logging.getLogger("quantgate.progress")
 
+# Recipe kinds that search which layers to keep in float until the gate's quality holds.
+RESTORING_KINDS = ("accuracy_control", "mixed")
+
 # How many standard errors outside the gate a quick-check estimate must be to stop the candidate there.
 QUICK_Z = 3.0
 
@@ -67,9 +70,9 @@ def prior(recipe: Recipe, *, transformer: bool) -> float:
     FP16 storage make a smaller file, rarely a faster one on CPUs.
     """
     o = recipe.options
-    kind, name = str(o.get("kind", "")), recipe.name
+    kind = str(o.get("kind", ""))
     reduced_float = str(o.get("inference_precision", "f32")) in ("bf16", "f16")
-    if kind in ("accuracy_control", "mixed") or "mixed-search" in name or name.endswith("-mixed"):
+    if kind in RESTORING_KINDS:
         base = 2.0
     elif kind in ("static", "quantize"):
         calibration = str(o.get("calibration", "minmax"))
@@ -105,7 +108,7 @@ def next_index(pending: Sequence[Planned], *, quality_failed: int, quality_passe
 
     def value(p: Planned) -> tuple[float, int]:
         score = p.score
-        restoring = p.recipe.options.get("kind") in ("accuracy_control", "mixed") or p.recipe.name.endswith("-mixed")
+        restoring = p.recipe.options.get("kind") in RESTORING_KINDS
         if restoring and quality_failed and not quality_passed:
             score += 2.0
         return (score, -p.index)

@@ -10,10 +10,15 @@ HistogramCollector merges its histograms, so each call only holds one chunk of b
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import tempfile
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
+from onnxruntime.quantization.calibrate import HistogramCollector
 
 from quantgate.data import Batch, NpzDataset
 from quantgate.errors import DataError
@@ -98,3 +103,135 @@ class StreamingCalibrationReader(CalibrationDataReader):  # type: ignore[misc]
         batch = next(self._iter)
         self._next_batch += 1
         return batch
+
+
+# -- calibration that survives infinite activations --------------------------------------------------
+
+# Magnitudes at or beyond this are sentinels, not signal: attention masks add -inf, finfo(float32).min or -1e9 to
+# masked scores. One such value makes the histogram calibrators crash (numpy cannot bin an infinite range) and
+# makes a MinMax range useless (scale ~1e36: every real value quantizes to the zero point).
+SENTINEL_ABS = 1e9
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """Ranges computed once, as a ``quantize_static`` calibration cache, and the tensors that have no usable range."""
+
+    cache: Path
+    unbounded: tuple[str, ...]  # tensors that carried non-finite or sentinel-magnitude values
+
+
+def quantizable_op_types() -> list[str]:
+    """What ``quantize_static`` quantizes (and calibrates) when ``op_types_to_quantize`` is empty."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+
+
+def calibrate(
+    model: Path,
+    reader: StreamingCalibrationReader,
+    method: str,
+    cache: Path,
+    *,
+    percentile: float | None = None,
+    check: Callable[[], None] | None = None,
+) -> CalibrationResult:
+    """Compute activation ranges with ``method`` ("minmax", "entropy", "percentile") one reader chunk at a time and
+    save them where ``quantize_static(calibration_cache_path=cache)`` reads them.
+
+    Non-finite and sentinel-magnitude values (``SENTINEL_ABS``) are left out of the histograms; the tensors that had
+    any are returned in ``unbounded``, so the caller keeps the nodes next to them in float. ``check`` is called
+    before every chunk (a deadline raises from it).
+    """
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import HistogramCalibrater, create_calibrator, save_tensors_data
+
+    calibrate_method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[method]
+    options: dict[str, object] = {} if percentile is None else {"percentile": percentile}
+    with tempfile.TemporaryDirectory(prefix="quantgate-calib-") as tmp:
+        calibrator = create_calibrator(
+            model,
+            quantizable_op_types(),
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=calibrate_method,
+            extra_options=options,
+        )
+        collector: _FiniteHistogramCollector | None = None
+        if isinstance(calibrator, HistogramCalibrater):
+            # collect_data() creates its HistogramCollector only when none is set yet: ours filters what it is given.
+            collector = _FiniteHistogramCollector(calibrator)
+            calibrator.collector = collector
+        for chunk in range(len(reader)):
+            if check is not None:
+                check()
+            reader.set_range(start_index=chunk, end_index=chunk + 1)
+            calibrator.collect_data(reader)
+        ranges = calibrator.compute_data()
+        del calibrator  # its InferenceSession holds the augmented model open
+    unbounded = set(collector.unbounded if collector is not None else ())
+    for name, data in ranges.items():
+        if not all(_bounded(v) for v in data.range_value):
+            unbounded.add(name)
+            ranges.data[name] = _clipped(data)
+    save_tensors_data(ranges, cache)
+    return CalibrationResult(cache, tuple(sorted(unbounded)))
+
+
+def _bounded(value: Any) -> bool:
+    values = np.asarray(value, dtype=np.float64)
+    return bool(np.all(np.isfinite(values) & (np.abs(values) < SENTINEL_ABS)))
+
+
+def _clipped(data: Any) -> Any:
+    """A MinMax range clipped to +-SENTINEL_ABS; nothing quantizes with it (its nodes stay float), but the cache
+    must hold finite numbers."""
+    from onnxruntime.quantization.calibrate import TensorData
+
+    low, high = (np.nan_to_num(np.asarray(v, dtype=np.float32)) for v in data.range_value)
+    limit = np.float32(SENTINEL_ABS)
+    return TensorData(lowest=np.clip(low, -limit, limit), highest=np.clip(high, -limit, limit))
+
+
+class _FiniteHistogramCollector(HistogramCollector):  # type: ignore[misc]
+    """onnxruntime's HistogramCollector fed only finite, non-sentinel values; remembers which tensors had others."""
+
+    def __init__(self, calibrator: Any) -> None:
+        super().__init__(
+            method=calibrator.method,
+            symmetric=calibrator.symmetric,
+            num_bins=calibrator.num_bins,
+            num_quantized_bins=calibrator.num_quantized_bins,
+            percentile=calibrator.percentile,
+            scenario=calibrator.scenario,
+        )
+        self.unbounded: set[str] = set()
+
+    def collect(self, name_to_arr: dict[str, Any]) -> Any:
+        kept: dict[str, np.ndarray] = {}
+        for name, arrays in name_to_arr.items():
+            parts = arrays if isinstance(arrays, list) else [arrays]
+            flat = np.concatenate([np.asarray(a).reshape(-1) for a in parts]) if parts else np.empty(0, np.float32)
+            ok = np.isfinite(flat) & (np.abs(flat) < SENTINEL_ABS)
+            if not ok.all():
+                self.unbounded.add(name)
+                flat = flat[ok]
+            if flat.size or name not in self.histogram_dict:
+                kept[name] = flat if flat.size else np.zeros(1, dtype=flat.dtype)
+        return super().collect(kept)
+
+
+def unbounded_neighbours(model: Path, tensors: Iterable[str]) -> list[str]:
+    """Names of the nodes that produce or consume any of ``tensors``: keeping them in float keeps those tensors out
+    of quantization (a QDQ node quantizes its own inputs and outputs)."""
+    import onnx
+
+    wanted = set(tensors)
+    if not wanted:
+        return []
+    graph = onnx.load(str(model), load_external_data=False).graph
+    return [n.name for n in graph.node if wanted & (set(n.input) | set(n.output))]

@@ -1,16 +1,20 @@
-"""ONNX Runtime backend: static INT8 (QDQ), dynamic INT8 and FP16 recipes, run on the CPU provider."""
+"""ONNX Runtime backend: static INT8 (QDQ), sensitivity-guided mixed INT8/FP32, dynamic INT8 and FP16 recipes, run
+on the CPU provider."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
+from quantgate.data import NpzDataset
 from quantgate.errors import BackendError
 from quantgate.model import ModelInfo
 from quantgate.plugins.base import (
@@ -24,9 +28,13 @@ from quantgate.plugins.base import (
     model_files,
 )
 
+if TYPE_CHECKING:
+    from quantgate.sensitivity import AccuracyControl, LayerSensitivity, Metric, Scorer, SearchOutcome
+
 log = logging.getLogger(__name__)
 
 NAME = "onnxruntime"
+MIXED = "int8-static-mixed"
 _CALIBRATIONS = ("minmax", "entropy", "percentile")
 
 
@@ -52,10 +60,31 @@ def _static_recipes() -> list[Recipe]:
     return out
 
 
+# quantize_dynamic's op types (its IntegerOpsRegistry) less Conv: ConvInteger runs 4-8x slower than FP32 on CPU.
+DYNAMIC_OP_TYPES = "MatMul,Attention,LSTM,Gather,EmbedLayerNormalization,Transpose"
+_COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM", "GRU", "RNN", "Einsum"})
+
+
+def _dynamic_recipe(name: str, per_channel: bool) -> Recipe:
+    return Recipe.make(
+        NAME, name, "int8", kind="dynamic", per_channel=per_channel, weight_type="int8",
+        op_types_to_quantize=DYNAMIC_OP_TYPES,
+    )  # fmt: skip
+
+
+def _mixed_recipe() -> Recipe:
+    # Per-channel MinMax: the calibration that ranks best on small models, and the cheapest to repeat per variant.
+    return Recipe.make(
+        NAME, MIXED, "int8", kind="mixed", format="qdq", calibration="minmax", per_channel=True,
+        activation_type="uint8", weight_type="int8", ranking_samples=16,
+    )  # fmt: skip
+
+
 RECIPES: tuple[Recipe, ...] = (
     *_static_recipes(),
-    Recipe.make(NAME, "int8-dynamic", "int8", kind="dynamic", per_channel=False, weight_type="int8"),
-    Recipe.make(NAME, "int8-dynamic-perchannel", "int8", kind="dynamic", per_channel=True, weight_type="int8"),
+    _mixed_recipe(),
+    _dynamic_recipe("int8-dynamic", per_channel=False),
+    _dynamic_recipe("int8-dynamic-perchannel", per_channel=True),
     Recipe.make(NAME, "fp16", "fp16", kind="fp16", keep_io_types=True),
 )
 
@@ -79,9 +108,39 @@ class OrtRunner:
     def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return list(self._session.run(None, dict(inputs)))
 
+    def bare(self, inputs: Mapping[str, np.ndarray]) -> Callable[[], object]:
+        """The runtime's call alone on a prepared feed (what the latency validator subtracts to measure ``run``)."""
+        session, feed = self._session, dict(inputs)
+        return lambda: session.run(None, feed)
+
 
 class OnnxRuntimeBackend:
+    """``int8-static-mixed`` needs :meth:`configure_accuracy_control` on the same instance before :meth:`compress`."""
+
     name = NAME
+
+    def __init__(self) -> None:
+        self._control: AccuracyControl | None = None
+
+    def configure_accuracy_control(
+        self,
+        validation: NpzDataset,
+        metric: Metric,
+        max_drop: float,
+        time_budget_s: float,
+        *,
+        limit: int | None = None,
+        caveat: str = "",
+    ) -> None:
+        """Give ``int8-static-mixed`` the gate's metric, allowed drop, validation set and wall-clock budget.
+
+        ``metric="accuracy"``: top-1 of the first output against ``labels``; ``max_drop`` is absolute (0.01 = 1 point).
+        ``metric="fidelity"``: mean cosine of the first output to the FP32 model's, so ``max_drop = 1 - min_fidelity``.
+        ``limit`` caps the validation samples; ``caveat`` is added to the candidate's notes.
+        """
+        from quantgate.sensitivity import AccuracyControl
+
+        self._control = AccuracyControl(validation, metric, max_drop, time_budget_s, limit, caveat)
 
     def available(self) -> Availability:
         try:
@@ -99,6 +158,11 @@ class OnnxRuntimeBackend:
     def compress(self, model: ModelInfo, recipe: Recipe, calib: Calibration, workdir: Path) -> Candidate:
         workdir.mkdir(parents=True, exist_ok=True)
         out = workdir / f"{recipe.name}.onnx"
+        if recipe.options["kind"] == "mixed" and self._control is None:
+            raise BackendError(
+                f"{recipe.name} needs a validation set and the gate's threshold: the pipeline must call "
+                "configure_accuracy_control() first (the gate needs min_fidelity, or max_accuracy_drop with labels)"
+            )
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's calibrators print() progress
                 notes = self._build(model.path, out, workdir.parent, recipe.options, calib)
@@ -114,48 +178,88 @@ class OnnxRuntimeBackend:
             return ()
         prepared, notes = preprocess(src, shared)
         if opts["kind"] == "static":
-            self._static(prepared, out, opts, calib)
-        else:
-            self._dynamic(prepared, out, opts)
-        return notes
+            return (*notes, *self._static(prepared, out, opts, calib))
+        if opts["kind"] == "mixed":
+            assert self._control is not None  # compress() checked
+            return (*notes, *_mixed(prepared, out, opts, calib, self._control))
+        return (*notes, *self._dynamic(prepared, out, opts))
 
     def runner(self, candidate: Candidate, *, threads: int) -> Runner:
         return OrtRunner(candidate.artifact, threads)
 
     # -- recipe implementations -------------------------------------------------------------
 
-    def _static(self, src: Path, out: Path, opts: dict[str, SettingValue], calib: Calibration) -> None:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    def _static(self, src: Path, out: Path, opts: dict[str, SettingValue], calib: Calibration) -> tuple[str, ...]:
+        from quantgate.plugins._ort_calibration import (
+            SENTINEL_ABS,
+            StreamingCalibrationReader,
+            calibrate,
+            unbounded_neighbours,
+        )
 
-        from quantgate.plugins._ort_calibration import StreamingCalibrationReader, streaming_extra_options
-
-        method = {
-            "minmax": CalibrationMethod.MinMax,
-            "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile,
-        }[str(opts["calibration"])]
-        extra: dict[str, object] = dict(streaming_extra_options())
-        if opts.get("percentile") is not None:
-            extra["CalibPercentile"] = opts["percentile"]
         reader = StreamingCalibrationReader(
             calib.dataset, batch_size=calib.batch_size, batches_per_chunk=4, limit=calib.limit
         )
-        quantize_static(
-            str(src),
-            str(out),
+        percentile = opts.get("percentile")
+        ranges = calibrate(
+            src,
             reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=bool(opts["per_channel"]),
-            activation_type=QuantType.QUInt8 if opts["activation_type"] == "uint8" else QuantType.QInt8,
-            weight_type=QuantType.QInt8 if opts["weight_type"] == "int8" else QuantType.QUInt8,
-            calibrate_method=method,
-            extra_options=extra,
+            str(opts["calibration"]),
+            out.with_suffix(".calibration.json"),
+            percentile=None if percentile is None else float(percentile),
+        )
+        kept_float = unbounded_neighbours(src, ranges.unbounded)
+        try:
+            _quantize_static(src, out, opts, ranges.cache, kept_float)
+        finally:
+            ranges.cache.unlink(missing_ok=True)
+        if not ranges.unbounded:
+            return ()
+        return (
+            f"{len(ranges.unbounded)} activation(s) carried infinite or beyond-{SENTINEL_ABS:g} values (typically an "
+            f"attention mask's additive -inf/finfo.min): their {len(kept_float)} producer/consumer node(s) stay float "
+            f"({_names(kept_float)})",
         )
 
-    def _dynamic(self, src: Path, out: Path, opts: dict[str, SettingValue]) -> None:
+    def _dynamic(self, src: Path, out: Path, opts: dict[str, SettingValue]) -> tuple[str, ...]:
         from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization.registry import IntegerOpsRegistry
 
-        quantize_dynamic(str(src), str(out), per_channel=bool(opts["per_channel"]), weight_type=QuantType.QInt8)
+        wanted = [t.strip() for t in str(opts.get("op_types_to_quantize") or "").split(",") if t.strip()]
+        usable = [t for t in wanted if t in IntegerOpsRegistry]
+        model_ops = _op_types(src)
+        override = f"recipe_options {{'{NAME}/<recipe>': {{op_types_to_quantize: '...'}}}}"
+        if not set(usable) & model_ops:
+            compute = sorted(model_ops & _COMPUTE_OPS) or sorted(model_ops)
+            raise BackendError(
+                f"nothing to quantize: the model has no {', '.join(usable or wanted) or 'listed'} op "
+                f"(op_types_to_quantize='{opts.get('op_types_to_quantize')}'; the model computes with "
+                f"{', '.join(compute)}; ORT quantizes dynamically only {', '.join(sorted(IntegerOpsRegistry))}); "
+                f"to quantize Conv anyway set {override}"
+            )
+        quantize_dynamic(
+            str(src),
+            str(out),
+            op_types_to_quantize=usable,
+            per_channel=bool(opts["per_channel"]),
+            weight_type=QuantType.QInt8,
+        )
+        if not _op_types(out) - model_ops:
+            raise BackendError(
+                f"nothing to quantize: quantize_dynamic changed no {', '.join(usable)} op (their weights must be "
+                "initializers)"
+            )
+        notes = [f"dynamic INT8 on {', '.join(usable)}"]
+        skipped = sorted(model_ops & {"Conv", "ConvTranspose"} - set(usable))
+        if skipped:
+            notes.append(
+                f"{'/'.join(skipped)} left in float: ORT's ConvInteger has no fast CPU kernel (measured 4-8x slower "
+                f"than FP32 here); override with {override.replace('...', 'Conv,MatMul')}"
+            )
+        ignored = [t for t in wanted if t not in IntegerOpsRegistry]
+        if ignored:
+            notes.append(f"ignored {', '.join(ignored)}: onnxruntime has no dynamic INT8 kernel for them")
+        return tuple(notes)
 
     def _fp16(self, src: Path, out: Path) -> None:
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -163,6 +267,180 @@ class OnnxRuntimeBackend:
         model = onnx.load(str(src))
         converted = convert_float_to_float16(model, keep_io_types=True)
         onnx.save(converted, str(out))
+
+
+def _quantize_static(src: Path, out: Path, opts: dict[str, SettingValue], cache: Path, exclude: list[str]) -> None:
+    """QDQ ``quantize_static`` from ranges already in ``cache`` (written by ``calibrate``); ``exclude`` stays float."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[str(opts["calibration"])]
+    quantize_static(
+        str(src),
+        str(out),
+        None,
+        quant_format=QuantFormat.QDQ,
+        per_channel=bool(opts["per_channel"]),
+        activation_type=QuantType.QUInt8 if opts["activation_type"] == "uint8" else QuantType.QInt8,
+        weight_type=QuantType.QInt8 if opts["weight_type"] == "int8" else QuantType.QUInt8,
+        nodes_to_exclude=list(exclude),
+        calibrate_method=method,
+        calibration_cache_path=str(cache),
+    )
+
+
+# -- int8-static-mixed ------------------------------------------------------------------------------------------
+
+# Sessions of the search (scoring variants, ranking layers): a few threads, whatever the latency policy says.
+_SEARCH_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _mixed(
+    src: Path, out: Path, opts: dict[str, SettingValue], calib: Calibration, control: AccuracyControl
+) -> tuple[str, ...]:
+    """Quantize fully; if that misses the threshold, rank the compute layers by sensitivity and find the fewest
+    most-sensitive layers to keep float (``nodes_to_exclude``) for the variant to meet it.
+
+    The budget is checked between steps (a calibration chunk, a layer's measurement, a variant's build and score):
+    past it, the best passing variant found so far is the candidate (its notes say the search was cut short); with
+    none yet, a ``BackendError`` says how far it got.
+    """
+    from quantgate.plugins._ort_calibration import StreamingCalibrationReader, calibrate, unbounded_neighbours
+    from quantgate.sensitivity import BudgetExhausted, Deadline, Scorer, rank_layers, search_float_layers
+
+    deadline = Deadline(control.time_budget_s)
+
+    def check() -> None:
+        if deadline.expired():
+            raise BudgetExhausted(f"{deadline.describe()} while calibrating; {_BUDGET_HINT}")
+
+    reader = StreamingCalibrationReader(calib.dataset, batch_size=calib.batch_size, limit=calib.limit)
+    ranges = calibrate(src, reader, str(opts["calibration"]), out.with_suffix(".calibration.json"), check=check)
+    always_float = unbounded_neighbours(src, ranges.unbounded)
+    variants = _Variants(
+        src, out, opts, ranges.cache, always_float, Scorer(control, _first_output(src), calib.batch_size)
+    )
+    try:
+        ranking_note = "the fully quantized model meets the threshold: no layer ranked"
+        if variants.build_and_score(()) < variants.scorer.threshold:
+            samples = min(int(opts["ranking_samples"] or 16), reader.n_samples)
+            batches = [b.inputs for b in calib.dataset.batches(calib.batch_size, limit=samples)]
+            variants.ranking = rank_layers(src, variants.path(()), batches, _SEARCH_THREADS, deadline)
+            ranking_note = (
+                f"ranked {len(variants.ranking)} quantized compute layers by the output error (1 - cosine vs FP32) "
+                f"when only that layer is quantized, on {samples} calibration samples, in {deadline.elapsed_s:.1f} s"
+            )
+        outcome = search_float_layers(variants.ranking, variants.build_and_score, variants.scorer.threshold, deadline)
+        if not outcome.passed:
+            raise BackendError(_no_variant_reason(outcome, variants.scorer, len(variants.ranking)))
+        variants.path(outcome.float_layers).replace(out)
+    except BudgetExhausted as exc:
+        raise BackendError(f"{exc}; {_BUDGET_HINT}") from None
+    finally:
+        ranges.cache.unlink(missing_ok=True)
+        variants.discard()
+    notes = _mixed_notes(outcome, variants, ranking_note)
+    notes.append(f"{deadline.elapsed_s:.1f} s of a {control.time_budget_s:g} s budget")
+    if always_float:
+        notes.append(f"kept in float for infinite/sentinel activations (attention masks): {_names(always_float)}")
+    if control.caveat:
+        notes.append(control.caveat)
+    log.info("%s: %s", MIXED, notes[0])
+    return tuple(notes)
+
+
+_BUDGET_HINT = "raise accuracy_control.time_budget_s or lower accuracy_control.samples"
+
+
+class _Variants:
+    """Builds and scores the variant that keeps given ranked layers float; keeps on disk only the smallest passing
+    one (the search only ever looks for a smaller k), removes the rest as it goes."""
+
+    def __init__(
+        self, src: Path, out: Path, opts: dict[str, SettingValue], cache: Path, always_float: list[str], scorer: Scorer
+    ) -> None:
+        self.src, self.out, self.opts, self.cache = src, out, opts, cache
+        self.always_float = always_float
+        self.scorer = scorer
+        self.ranking: list[LayerSensitivity] = []
+        self.scores: dict[tuple[str, ...], float] = {}
+        self._kept: dict[tuple[str, ...], Path] = {}
+
+    def path(self, layers: tuple[str, ...]) -> Path:
+        return self.out.with_name(f"{self.out.stem}.k{len(layers)}.onnx")
+
+    def build_and_score(self, layers: tuple[str, ...]) -> float:
+        if layers in self.scores:
+            return self.scores[layers]
+        units = {layer.node: layer.exclude or (layer.node,) for layer in self.ranking}
+        exclude = dict.fromkeys([*self.always_float, *(n for layer in layers for n in units[layer])])
+        path = self.path(layers)
+        _quantize_static(self.src, path, self.opts, self.cache, list(exclude))
+        score = self.scores[layers] = self.scorer.score(_first_output(path))
+        keep = score >= self.scorer.threshold or not layers  # k=0 is what the ranking starts from
+        if keep:
+            if score >= self.scorer.threshold:
+                self.discard()
+            self._kept[layers] = path
+        else:
+            path.unlink(missing_ok=True)
+        return score
+
+    def discard(self) -> None:
+        for path in self._kept.values():
+            path.unlink(missing_ok=True)
+        self._kept.clear()
+
+
+def _mixed_notes(outcome: SearchOutcome, variants: _Variants, ranking_note: str) -> list[str]:
+    by_node = {layer.node: layer for layer in variants.ranking}
+    kept = [_describe_layer(by_node[name]) for name in outcome.float_layers]
+    notes = [
+        f"mixed precision: {len(kept)} of {len(variants.ranking)} ranked layers kept in float, most sensitive first "
+        f"(error when only that layer is quantized): {', '.join(kept) or 'none'}",
+        ranking_note,
+        f"k search on {variants.scorer.describe()}: {_trace(outcome)}",
+    ]
+    if not outcome.complete:
+        notes.append(f"search stopped early ({outcome.reason}): k={outcome.k} passes; a smaller k may pass too")
+    return notes
+
+
+def _first_output(path: Path) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+    runner = OrtRunner(path, _SEARCH_THREADS)
+    return lambda inputs: runner.run(inputs)[0]
+
+
+def _describe_layer(layer: LayerSensitivity) -> str:
+    around = [n for n in layer.exclude if n != layer.node]
+    return f"{layer.node} ({layer.error:.2e}" + (f"; with {', '.join(around)})" if around else ")")
+
+
+def _trace(outcome: SearchOutcome) -> str:
+    tried = ", ".join(f"k={k}: {score:.6f}" for k, score in outcome.trace)
+    return f"{tried}; smallest passing k = {outcome.k}"
+
+
+def _no_variant_reason(outcome: SearchOutcome, scorer: Scorer, ranked: int) -> str:
+    tried = ", ".join(f"k={k}: {score:.6f}" for k, score in outcome.trace) or "nothing"
+    if not outcome.complete:
+        return f"{outcome.reason} before any variant met {scorer.describe()} (tried {tried}); {_BUDGET_HINT}"
+    return (
+        f"no variant meets {scorer.describe()}, not even with all {ranked} ranked layers in float (tried {tried}): "
+        "the loss comes from the ops quantized between them; use a float recipe or relax the gate"
+    )
+
+
+def _names(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _op_types(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
 
 
 # On a failed symbolic shape inference, onnxruntime saves the half-inferred model, with external data under a

@@ -1,4 +1,5 @@
-"""StreamingCalibrationReader: chunking semantics, real static quantization, and flat memory in N."""
+"""StreamingCalibrationReader: chunking semantics, real static quantization, and flat memory in N; ``calibrate``:
+ranges without infinite values."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_st
 
 from quantgate.data import NpzDataset
 from quantgate.errors import DataError
-from quantgate.plugins._ort_calibration import StreamingCalibrationReader, streaming_extra_options
+from quantgate.plugins._ort_calibration import (
+    SENTINEL_ABS,
+    StreamingCalibrationReader,
+    calibrate,
+    streaming_extra_options,
+    unbounded_neighbours,
+)
 
 # Activations per sample of the test model, float32: Conv(1→16) and its ReLU on 30x30, Conv(16→32) and its
 # ReLU on 28x28. The histogram calibrators keep all of them for every batch of one collect_data call.
@@ -156,6 +163,75 @@ def test_quantize_static_with_streaming_reader_stays_close_to_fp32(
     assert {n.op_type for n in onnx.load(str(out)).graph.node} >= {"QuantizeLinear", "Conv"}
 
 
+# --- infinite activations ----------------------------------------------------------------------------------------
+
+
+def _masked_scores_model(path: Path) -> Path:
+    """x[n, 4] -> MatMul -> Add(additive mask: 0, 0, -inf, finfo.min) -> Softmax -> MatMul -> y[n, 3]: the masked
+    scores an attention layer feeds its softmax."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    mask = np.array([0.0, 0.0, -np.inf, np.finfo(np.float32).min], np.float32)
+    inits = {
+        "w1": rng.standard_normal((4, 4)).astype(np.float32),
+        "mask": mask,
+        "w2": rng.standard_normal((4, 3)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["scores"], name="qk"),
+        helper.make_node("Add", ["scores", "mask"], ["masked"], name="add_mask"),
+        helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["probs", "w2"], ["y"], name="pv"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "masked",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        [numpy_helper.from_array(a, n) for n, a in inits.items()],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_calibrate_keeps_infinite_values_out_of_ranges_and_names_their_tensors(tmp_path: Path, method: str) -> None:
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    model = _masked_scores_model(tmp_path / "m.onnx")
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(1).standard_normal((40, 4)).astype(np.float32))
+    reader = StreamingCalibrationReader(NpzDataset.open(data), batch_size=8, batches_per_chunk=2)
+
+    result = calibrate(model, reader, method, tmp_path / "ranges.json", percentile=99.9)
+
+    assert result.unbounded == ("masked",)
+    ranges = load_tensors_data(result.cache)
+    assert {"x", "scores", "masked", "probs", "y"} <= set(ranges.keys())
+    for name, data_range in ranges.items():
+        low, high = (float(np.max(np.abs(v))) for v in data_range.range_value)
+        assert np.isfinite(low) and np.isfinite(high) and max(low, high) <= SENTINEL_ABS, (name, data_range.range_value)
+    assert unbounded_neighbours(model, result.unbounded) == ["add_mask", "softmax"]
+
+
+def test_calibrate_checks_the_deadline_before_every_chunk(tmp_path: Path) -> None:
+    model = _masked_scores_model(tmp_path / "m.onnx")
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.zeros((40, 4), np.float32))
+    reader = StreamingCalibrationReader(NpzDataset.open(data), batch_size=8, batches_per_chunk=1)
+    calls: list[int] = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) > 2:
+            raise TimeoutError("budget")
+
+    with pytest.raises(TimeoutError):
+        calibrate(model, reader, "entropy", tmp_path / "ranges.json", check=check)
+    assert len(calls) == 3 and not (tmp_path / "ranges.json").exists()
+
+
 # --- memory ------------------------------------------------------------------------------------
 
 _CALIBRATE = """
@@ -163,19 +239,22 @@ import json, resource, sys
 from pathlib import Path
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 from quantgate.data import NpzDataset
-from quantgate.plugins._ort_calibration import StreamingCalibrationReader, streaming_extra_options
+from quantgate.plugins._ort_calibration import StreamingCalibrationReader, calibrate, streaming_extra_options
 
-model, data, out, method = sys.argv[1:]
+model, data, out, method, via = sys.argv[1:]
 reader = StreamingCalibrationReader(NpzDataset.open(Path(data)), batch_size=16, batches_per_chunk=4)
-quantize_static(model, out, reader, quant_format=QuantFormat.QDQ,
-                calibrate_method=CalibrationMethod[method], extra_options=streaming_extra_options())
+if via == "calibrate":
+    calibrate(Path(model), reader, method.lower(), Path(out).with_suffix(".json"))
+else:
+    quantize_static(model, out, reader, quant_format=QuantFormat.QDQ,
+                    calibrate_method=CalibrationMethod[method], extra_options=streaming_extra_options())
 print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
 
-def _peak_rss_mib(model: Path, data: Path, out: Path, method: str) -> float:
+def _peak_rss_mib(model: Path, data: Path, out: Path, method: str, via: str) -> float:
     proc = subprocess.run(
-        [sys.executable, "-c", _CALIBRATE, str(model), str(data), str(out), method],
+        [sys.executable, "-c", _CALIBRATE, str(model), str(data), str(out), method, via],
         capture_output=True,
         text=True,
         timeout=120,
@@ -187,13 +266,16 @@ def _peak_rss_mib(model: Path, data: Path, out: Path, method: str) -> float:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB only on Linux")
-def test_calibration_peak_memory_does_not_grow_with_samples(model_path: Path, data_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("via", ["quantize_static", "calibrate"])
+def test_calibration_peak_memory_does_not_grow_with_samples(
+    model_path: Path, data_dir: Path, tmp_path: Path, via: str
+) -> None:
     # Entropy is the calibrator that hoards activations (MinMax only keeps per-batch min/max scalars).
     # 64 samples fill exactly one chunk (4 batches of 16), so both runs hold one chunk at a time; without
     # striding the 1024-sample run would keep every batch's activations, ≥ 960 * 316 kB ≈ 290 MiB more
     # (measured by hand: +586 MiB). Allow an eighth of that for allocator and histogram noise.
-    small = _peak_rss_mib(model_path, data_dir / "calib64.npz", tmp_path / "small.onnx", "Entropy")
-    large = _peak_rss_mib(model_path, data_dir / "calib1024.npz", tmp_path / "large.onnx", "Entropy")
+    small = _peak_rss_mib(model_path, data_dir / "calib64.npz", tmp_path / "small.onnx", "Entropy", via)
+    large = _peak_rss_mib(model_path, data_dir / "calib1024.npz", tmp_path / "large.onnx", "Entropy", via)
     hoard_mib = (1024 - 64) * ACTIVATION_BYTES_PER_SAMPLE / 2**20
     bound = hoard_mib / 8
     assert large - small < bound, f"peak RSS {small:.0f} MiB at N=64, {large:.0f} MiB at N=1024 (bound {bound:.0f})"
