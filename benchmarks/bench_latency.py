@@ -5,7 +5,8 @@ For each model (benchmarks/realmodels.py) and artifact (ONNX Runtime FP32, OpenV
 - quantgate: the latency validator's measurement, warm blocks rotating between the three runners in one process
   (``measure_blocked`` with the block length it chooses), p50 per runner and speedups over ONNX Runtime FP32;
 - ONNX Runtime: a plain tight loop over ``InferenceSession.run`` (same options: 1 intra-op thread, sequential);
-- OpenVINO: ``benchmark_app`` (its own process; 1 thread, 1 stream, latency hint, the same input shape and
+- OpenVINO: ``benchmark_app`` (its own process; 1 thread, 1 stream, 1 synchronous request: what the latency hint
+  gives with one thread, but benchmark_app accepts -nthreads only with -hint none; the same input shape and
   precision quantgate compiles with), its median latency.
 
 The targets (issue 15): per artifact within 5%; for OpenVINO candidates the speedup over ONNX Runtime FP32 within 5%
@@ -35,6 +36,7 @@ import realmodels
 
 from quantgate.plugins.onnxruntime import OrtRunner
 from quantgate.plugins.openvino import OvRunner
+from quantgate.policy import LatencyPolicy
 from quantgate.validators.latency import choose_block_calls, measure_blocked
 
 THREADS = 1
@@ -66,7 +68,8 @@ def benchmark_app_ms(xml: Path, shape: tuple[int, ...], input_name: str, precisi
     tool = shutil.which("benchmark_app") or str(Path(sys.executable).parent / "benchmark_app")
     dims = ",".join(str(d) for d in shape)
     cmd = [
-        tool, "-m", str(xml), "-d", "CPU", "-hint", "latency", "-nthreads", str(THREADS), "-nstreams", "1",
+        tool, "-m", str(xml), "-d", "CPU", "-hint", "none", "-nthreads", str(THREADS), "-nstreams", "1",
+        "-nireq", "1", "-api", "sync",
         "-t", str(int(seconds)), "-shape", f"{input_name}[{dims}]", "-infer_precision", precision,
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -92,7 +95,7 @@ def one_model(name: str, seconds: float, workdir: Path) -> list[dict[str, Any]]:
         "openvino NNCF INT8 IR (f32 float parts)": OvRunner(int8.artifact, THREADS, "f32"),
     }
     runners = list(artifacts.values())
-    block = choose_block_calls(runners, x, 5.0)
+    block = choose_block_calls(runners, x, LatencyPolicy().min_block_ms)
     timed = measure_blocked(runners, x, warmup=20, rounds=150, block_calls=block)
     p50 = {label: float(np.median(t.block_ms)) for label, t in zip(artifacts, timed, strict=True)}
     ort_loop = tight_loop_ms(prepared.onnx, x, seconds)

@@ -59,7 +59,7 @@ class LatencyPolicy(_Strict):
         default=None, ge=2, le=100_000, description="consecutive calls per block; default: enough for min_block_ms"
     )
     min_block_ms: float = Field(
-        default=5.0, gt=0.0, le=60_000.0, description="shortest block when block_calls is unset"
+        default=20.0, gt=0.0, le=60_000.0, description="shortest block when block_calls is unset"
     )
     cold_starts: int = Field(
         default=1, ge=0, le=100, description="fresh loads timed for the first-call latency (0: not measured)"

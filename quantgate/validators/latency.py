@@ -3,9 +3,9 @@
 A served model answers call after call: its weights and code stay in cache. Alternating single calls between
 models measures each one right after another model evicted it, and hurts runtimes unequally (a real MobileNetV3
 classifier read 1.46x that way and 1.73x in blocks of 10). So each runner is timed in a block of consecutive calls,
-long enough to last a few milliseconds; the first call of a block (the one after the switch) is not counted as
-warm. Runners still rotate block by block, so all of them see the same machine noise, and the speedup and its
-bootstrap interval come from paired blocks.
+long enough to last a few tens of milliseconds; the leading calls of a block (while caches refill after the switch)
+are not counted as warm. Runners still rotate block by block, so all of them see the same machine noise, and the
+speedup and its bootstrap interval come from paired blocks.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from quantgate.plugins.base import BareCall, Runner
+from quantgate.policy import LatencyPolicy
 from quantgate.validators.base import LatencyTarget, Measurement, ValidationContext
 
 REFERENCE_BACKEND = "onnxruntime"
@@ -31,6 +32,12 @@ OVERHEAD_FLOOR_MS = 1.0
 _CHECK_EVERY = 10
 
 
+def warm_skip(block_calls: int) -> int:
+    """Leading calls of a block not counted as warm: measured here, a model's caches take 2-4 calls to refill after
+    another model ran (an INT8 MTCNN O-Net: 1.9, 1.4, 1.3, then 1.2 ms), so a quarter of the block, at least one."""
+    return max(1, block_calls // 4) if block_calls > 1 else 0
+
+
 @dataclass(frozen=True)
 class BlockTimes:
     """Per-call milliseconds of one runner, one row per block; column 0 is the call right after a switch."""
@@ -42,16 +49,18 @@ class BlockTimes:
         return int(self.calls_ms.shape[1])
 
     @property
+    def _warm(self) -> np.ndarray:
+        return self.calls_ms[:, warm_skip(self.block_calls) :]
+
+    @property
     def warm_ms(self) -> np.ndarray:
-        """Every warm call (all but each block's first, when a block has more than one call)."""
-        calls = self.calls_ms[:, 1:] if self.block_calls > 1 else self.calls_ms
-        return calls.reshape(-1)
+        """Every warm call (each block's leading calls, after the switch, are not)."""
+        return self._warm.reshape(-1)
 
     @property
     def block_ms(self) -> np.ndarray:
         """Mean warm per-call milliseconds of each block: the paired samples speedups are computed from."""
-        calls = self.calls_ms[:, 1:] if self.block_calls > 1 else self.calls_ms
-        return np.asarray(calls.mean(axis=1))
+        return np.asarray(self._warm.mean(axis=1))
 
     @property
     def blocks(self) -> int:
@@ -69,8 +78,8 @@ def choose_block_calls(
 ) -> int:
     """Calls per block so that a block of the fastest runner lasts at least ``min_block_ms``."""
     fastest = min(float(np.median([_time_once(r, inputs) for _ in range(probe_calls)])) for r in runners)
-    # One call after the switch is discarded, so a block needs at least two.
-    return int(min(MAX_BLOCK_CALLS, max(2, math.ceil(min_block_ms / max(fastest, 1e-3)) + 1)))
+    # The leading calls after a switch are discarded, so a block needs at least two.
+    return int(min(MAX_BLOCK_CALLS, max(2, math.ceil(min_block_ms / max(fastest, 1e-3)))))
 
 
 StopRule = Callable[[list[BlockTimes]], bool]
@@ -113,8 +122,8 @@ def measure_blocked(
 def measure_interleaved(
     baseline: Runner, candidate: Runner, inputs: Mapping[str, np.ndarray], *, warmup: int, rounds: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Warm per-block milliseconds for baseline and candidate (blocks lasting at least 5 ms)."""
-    block = choose_block_calls([baseline, candidate], inputs, 5.0)
+    """Warm per-block milliseconds for baseline and candidate (blocks as long as the policy's default)."""
+    block = choose_block_calls([baseline, candidate], inputs, LatencyPolicy().min_block_ms)
     base, cand = measure_blocked([baseline, candidate], inputs, warmup=warmup, rounds=rounds, block_calls=block)
     return base.block_ms, cand.block_ms
 

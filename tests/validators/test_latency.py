@@ -16,6 +16,7 @@ from quantgate.validators.latency import (
     measure_overhead,
     overhead_flagged,
     speedup_ci,
+    warm_skip,
 )
 
 
@@ -63,15 +64,17 @@ def test_speedup_ci_brackets_one_for_identical_distributions() -> None:
     assert low < 1.0 < high
 
 
-def test_blocks_time_consecutive_calls_and_discard_the_first_after_a_switch() -> None:
+def test_blocks_time_consecutive_calls_and_discard_the_leading_ones_after_a_switch() -> None:
     runners = [MatmulRunner(192), MatmulRunner(128)]
     block = choose_block_calls(runners, {}, min_block_ms=1.0)
     assert block >= 2
     timed = measure_blocked(runners, {}, warmup=2, rounds=12, block_calls=block)
     for t in timed:
         assert t.calls_ms.shape == (12, block)
-        assert t.warm_ms.shape == (12 * (block - 1),)
-        assert np.allclose(t.block_ms, t.calls_ms[:, 1:].mean(axis=1))
+        skip = warm_skip(block)
+        assert 1 <= skip < block
+        assert t.warm_ms.shape == (12 * (block - skip),)
+        assert np.allclose(t.block_ms, t.calls_ms[:, skip:].mean(axis=1))
     # a block of the fastest runner lasts at least the asked-for milliseconds (within timing noise)
     assert block == MAX_BLOCK_CALLS or np.median(timed[1].calls_ms.sum(axis=1)) > 0.8
 
