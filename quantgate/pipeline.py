@@ -266,6 +266,7 @@ class SearchState:
     exhaustive: bool = True
     quick_samples: int | None = None
     best_vs_reference: float | None = None
+    timed: list[tuple[Recipe, float]] = field(default_factory=list)  # (recipe, CI high vs the reference) so far
     quality_failed: int = 0
     quality_passed: int = 0
     worker: BuildWorker | None = None
@@ -316,6 +317,9 @@ def evaluate(
     if state.budget.exhausted:
         why = f"not tried: the search budget was spent ({state.budget.describe()})"
         return CandidateRun(skipped_result(recipe, why, hardware, policy))
+    hopeless = None if state.exhaustive else search.cannot_beat(recipe, state.timed, state.best_vs_reference)
+    if hopeless is not None:
+        return CandidateRun(skipped_result(recipe, hopeless, hardware, policy))
     state.emit("build", label)
     try:
         cand = _build(base, recipe, model, data, policy, workdir, state)
@@ -385,9 +389,18 @@ def _validate(
     metrics.update(more)
     details.update(more_details)
     verdict = gate.judge(metrics, policy.gate, has_labels=has_labels)
-    if verdict.passed and "speedup_vs_ort_fp32" in metrics:
-        state.best_vs_reference = max(state.best_vs_reference or 0.0, metrics["speedup_vs_ort_fp32"])
+    _record_timing(state, recipe, metrics, verdict)
     return result(metrics, verdict, details)
+
+
+def _record_timing(state: SearchState, recipe: Recipe, metrics: dict[str, float], verdict: Verdict) -> None:
+    """What later candidates are compared with: the best passing speed, and every timed family's speed."""
+    if "speedup_vs_ort_fp32" not in metrics:
+        return
+    if verdict.passed:
+        state.best_vs_reference = max(state.best_vs_reference or 0.0, metrics["speedup_vs_ort_fp32"])
+    high = metrics.get("speedup_vs_ort_fp32_ci_high", metrics["speedup_vs_ort_fp32"])
+    state.timed.append((recipe, high))
 
 
 def _status(verdict: Verdict) -> str:
@@ -419,8 +432,7 @@ def _from_cache(state: SearchState, key: str, policy: Policy, has_labels: bool) 
     verdict = gate.judge(cached.metrics, policy.gate, has_labels=has_labels) if timed else quality
     cached.verdict = verdict
     cached.notes = [*cached.notes, "measured in an earlier run (same model, recipe, data, host, libraries); re-gated"]
-    if verdict.passed and "speedup_vs_ort_fp32" in cached.metrics:
-        state.best_vs_reference = max(state.best_vs_reference or 0.0, cached.metrics["speedup_vs_ort_fp32"])
+    _record_timing(state, cached.recipe, cached.metrics, verdict)
     state.quality_passed += quality.passed
     state.quality_failed += not quality.passed
     return cached

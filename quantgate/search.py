@@ -71,7 +71,9 @@ def prior(recipe: Recipe, *, transformer: bool) -> float:
     """
     o = recipe.options
     kind = str(o.get("kind", ""))
-    reduced_float = str(o.get("inference_precision", "f32")) in ("bf16", "f16")
+    # BF16 compute is native wherever a backend offers it on a CPU (AVX512_BF16, AMX); FP16 compute on x86 CPUs
+    # mostly is not (measured: OpenVINO f16 on AVX512-FP16 without AMX-FP16 ran 1.0x its FP32), so only BF16 scores.
+    reduced_float = str(o.get("inference_precision", "f32")) == "bf16"
     if kind in RESTORING_KINDS:
         base = 2.0
     elif kind in ("static", "quantize"):
@@ -88,6 +90,41 @@ def prior(recipe: Recipe, *, transformer: bool) -> float:
     if reduced_float:
         base += 0.5
     return base
+
+
+def family(recipe: Recipe) -> tuple[str, str, str]:
+    """Recipes whose speed differs little: same backend, same kind of arithmetic, same float compute precision.
+
+    Static INT8 with any calibration, NNCF INT8 with either preset, and the float-restoring searches (which can only
+    be slower than full INT8 at the same precision) are one family; so are the float recipes of one precision.
+    """
+    o = recipe.options
+    kind = str(o.get("kind", ""))
+    arithmetic = "int8" if kind in ("static", "quantize", *RESTORING_KINDS) else kind
+    return recipe.backend, arithmetic, str(o.get("inference_precision", "f32"))
+
+
+# A family member is not expected to beat its measured sibling by more than this factor.
+FAMILY_SPREAD = 1.15
+
+
+def cannot_beat(recipe: Recipe, timed: Sequence[tuple[Recipe, float]], best: float | None) -> str | None:
+    """Why ``recipe`` cannot be expected to beat the best so far, judging by its family's measured speed; or None.
+
+    ``timed``: (recipe, upper end of its speedup CI against the reference runtime) of every candidate timed so far.
+    """
+    if best is None:
+        return None
+    siblings = [(r, high) for r, high in timed if family(r) == family(recipe)]
+    if not siblings:
+        return None
+    sibling, high = max(siblings, key=lambda t: t[1])
+    if high * FAMILY_SPREAD >= best:
+        return None
+    return (
+        f"not tried: it could not beat the best so far ({best:.2f}x against ONNX Runtime FP32): {sibling.name}, of the "
+        f"same family ({', '.join(family(recipe))}), measured at most {high:.2f}x"
+    )
 
 
 @dataclass

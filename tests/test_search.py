@@ -14,7 +14,7 @@ from quantgate.model import read_model_info
 from quantgate.plugins.base import Recipe
 from quantgate.plugins.onnxruntime import OnnxRuntimeBackend
 from quantgate.policy import Policy, parse_policy
-from quantgate.search import Budget, Planned, next_index, prior
+from quantgate.search import Budget, Planned, cannot_beat, next_index, prior
 from quantgate.validators.base import collect_outputs
 from tests.conftest import test_policy
 
@@ -156,3 +156,21 @@ def test_progress_events_name_the_stage_the_candidate_and_the_budget(
     assert events[-1].describe().startswith(f"latency · candidate 2/3 onnxruntime/{STATIC} · ")
     assert events[-1].describe().endswith("/180 s of the budget")
     assert 0 < events[-1].fraction < 1
+
+
+def test_a_recipe_whose_family_measured_far_below_the_best_is_skipped_and_says_why() -> None:
+    def make(name: str, backend: str = "onnxruntime", **settings: object) -> Recipe:
+        return Recipe.make(backend, name, "int8", **settings)  # type: ignore[arg-type]
+
+    measured = make("int8-static-minmax", kind="static", calibration="minmax")
+    sibling = make("int8-static-entropy", kind="static", calibration="entropy")
+    restoring = make("int8-static-mixed", kind="mixed")
+    other = make("int8-ptq", backend="openvino", kind="quantize")
+    timed = [(measured, 0.95)]
+    why = cannot_beat(sibling, timed, best=6.0)
+    assert why is not None and why.startswith("not tried: it could not beat the best so far (6.00x")
+    assert "int8-static-minmax, of the same family (onnxruntime, int8, f32), measured at most 0.95x" in why
+    assert cannot_beat(restoring, timed, best=6.0) is not None  # restoring float layers cannot make it faster
+    assert cannot_beat(other, timed, best=6.0) is None  # another backend: nothing known
+    assert cannot_beat(sibling, timed, best=1.05) is None  # within the family's spread: worth trying
+    assert cannot_beat(sibling, timed, best=None) is None

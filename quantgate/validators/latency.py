@@ -141,8 +141,13 @@ def speedup_ci(base: np.ndarray, cand: np.ndarray, level: float = 0.95) -> tuple
 # -- what decides early stopping ------------------------------------------------------------------------------
 
 
+# An interval narrower than this share of its estimate has decided all a shared host can tell apart.
+RESOLUTION = 0.04
+
+
 def decided(times: list[BlockTimes], target: LatencyTarget) -> bool:
-    """True once more blocks could not change the gate's verdict nor the ranking against ``target.beat``."""
+    """True once more blocks could not change the gate's verdict nor the ranking against ``target.beat`` (or could
+    only separate candidates within ``RESOLUTION`` of each other: a tie on this host)."""
     base, cand = times[0].block_ms, times[1].block_ms
     if target.min_speedup is not None:
         low, high = speedup_ci(base, cand)
@@ -151,9 +156,10 @@ def decided(times: list[BlockTimes], target: LatencyTarget) -> bool:
         if high < target.min_speedup:
             return True  # fails the gate: the ranking no longer matters
     if target.beat is not None and target.ref is not None and target.ref < len(times):
-        low, high = speedup_ci(times[target.ref].block_ms, cand)
+        ref = times[target.ref].block_ms
+        low, high = speedup_ci(ref, cand)
         if low <= target.beat <= high:
-            return False
+            return (high - low) < RESOLUTION * float(np.median(ref) / np.median(cand))
     return True
 
 

@@ -126,7 +126,7 @@ def test_adaptive_stop_waits_while_the_interval_straddles_the_gate() -> None:
 
 
 def test_adaptive_stop_also_waits_for_the_ranking() -> None:
-    times = _times(2.0, 1.0, 40)  # 2.4x against the reference (third runner)
+    times = _times(2.0, 1.0, 40, spread=0.1)  # 2.4x against the reference (third runner), still a wide interval
     assert not decided(times, LatencyTarget(min_speedup=1.1, beat=2.4, ref=2))
     assert decided(times, LatencyTarget(min_speedup=1.1, beat=1.5, ref=2))
 
@@ -149,3 +149,8 @@ def test_gate_reads_first_call_speedup_when_asked() -> None:
     cold = judge(m, GatePolicy(max_accuracy_drop=None, min_speedup=1.5, speedup_on="first_call"), has_labels=False)
     assert not cold.passed
     assert "first-call speedup 0.80x" in cold.reasons[0]
+
+
+def test_adaptive_stop_calls_a_tie_once_the_interval_is_narrow() -> None:
+    times = _times(2.0, 1.0, 60, spread=0.002)  # 2.4x against the reference, very tight
+    assert decided(times, LatencyTarget(min_speedup=1.1, beat=2.4, ref=2))
