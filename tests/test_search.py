@@ -174,3 +174,20 @@ def test_a_recipe_whose_family_measured_far_below_the_best_is_skipped_and_says_w
     assert cannot_beat(other, timed, best=6.0) is None  # another backend: nothing known
     assert cannot_beat(sibling, timed, best=1.05) is None  # within the family's spread: worth trying
     assert cannot_beat(sibling, timed, best=None) is None
+
+
+def test_close_finalists_are_re_timed_side_by_side_before_the_winner_is_chosen(
+    setup, calib_npz: Path, eval_npz: Path, tmp_path: Path
+) -> None:
+    model, data, base, recipe = setup
+    policy = _policy(calib_npz, eval_npz, search={"exhaustive": True})
+    other = next(r for r in base.backend.recipes(model) if r.name == "int8-static-qdq-minmax")
+    results = [pipeline.evaluate(base, r, model, data, policy, detect(), tmp_path).result for r in (recipe, other)]
+    assert all(r.passed for r in results), [r.verdict.reasons for r in results]
+    for r in results:  # make them overlap, as two near-identical recipes do
+        r.metrics["speedup_vs_ort_fp32_ci_low"], r.metrics["speedup_vs_ort_fp32_ci_high"] = 0.1, 100.0
+    pipeline.playoff(results, {"onnxruntime": base}, data, policy)
+    for r in results:
+        assert r.metrics["playoff_blocks"] >= 30
+        assert any(n.startswith("final ranking: re-timed side by side with ONNX Runtime FP32") for n in r.notes)
+        assert r.metrics["speedup_vs_ort_fp32_ci_low"] <= r.metrics["speedup_vs_ort_fp32"]

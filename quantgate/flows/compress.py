@@ -221,6 +221,9 @@ def run_candidates(
             results[pick.index] = run.result
             if progress is not None:
                 progress.update(state)
+    state.emit("playoff", "")
+    ready = {name: b for name, b in baselines.items() if isinstance(b, Baseline)}
+    pipeline.playoff(list(results.values()), ready, data, policy)
     state.emit("done", "")
     if progress is not None:
         progress.finish(state)

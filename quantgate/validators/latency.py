@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from quantgate.data import NpzDataset
 from quantgate.plugins.base import BareCall, Runner
 from quantgate.policy import LatencyPolicy
 from quantgate.validators.base import LatencyTarget, Measurement, ValidationContext
@@ -225,7 +226,12 @@ def overhead_flagged(overhead_ms: float, latency_ms: float) -> bool:
 
 
 def _batch(ctx: ValidationContext, size: int) -> dict[str, np.ndarray]:
-    head = ctx.evaluation.take(size).inputs
+    return latency_batch(ctx.evaluation, size)
+
+
+def latency_batch(evaluation: NpzDataset, size: int) -> dict[str, np.ndarray]:
+    """The first ``size`` evaluation samples (repeated when there are fewer): the inputs latency is timed on."""
+    head = evaluation.take(size).inputs
     n = next(iter(head.values())).shape[0]
     if n >= size:
         return head
