@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-# ISA extensions that decide whether INT8/BF16/FP16 kernels are fast on x86 CPUs.
+# ISA extensions that decide whether INT8/BF16/FP16 kernels are fast (x86, plus ARM's FP16 arithmetic).
 ISA_FLAGS = (
     "avx2",
     "fma",
@@ -26,7 +26,50 @@ ISA_FLAGS = (
     "amx_tile",
     "amx_int8",
     "amx_bf16",
+    "amx_fp16",
+    "asimdhp",  # ARM: half-precision arithmetic on Advanced SIMD (the aarch64 Features line of /proc/cpuinfo)
 )
+INFERENCE_PRECISIONS = ("f32", "bf16", "f16")  # OpenVINO's names for the float precision a CPU computes in
+
+
+@dataclass(frozen=True)
+class ComputeNeed:
+    """What computing in a reduced float precision needs from the CPU: the one place that says it.
+
+    The rules are OpenVINO 2026's CPU plugin's: it lists ``BF16`` in ``OPTIMIZATION_CAPABILITIES`` on CPUs with
+    AVX512_BF16 (AMX-BF16 CPUs have it too), and ``FP16`` on CPUs with AVX512-FP16 (AMX-FP16 CPUs have it too) or
+    ARM FP16 arithmetic. It also lists both on AVX2-VNNI-2 CPUs, whose flags (avx_ne_convert, avx_vnni_int8)
+    Linux does not show in /proc/cpuinfo: a check by flags refuses those hosts (safe side).
+    """
+
+    precision: str  # OpenVINO's inference precision name
+    capability: str  # the entry in OpenVINO's CPU OPTIMIZATION_CAPABILITIES; also how messages name it
+    isa_any: tuple[str, ...]  # any one of these ISA flags gives it natively
+    cpu: str  # for messages: "a CPU with ..."
+
+    def met_by(self, isa_flags: tuple[str, ...] | list[str]) -> bool:
+        return any(f in isa_flags for f in self.isa_any)
+
+    def lacking(self) -> str:
+        """What a host without any of the flags is told: "this CPU has neither" (or "none of them")."""
+        return "this CPU has neither" if len(self.isa_any) == 2 else "this CPU has none of them"
+
+
+COMPUTE_NEEDS = {
+    "bf16": ComputeNeed("bf16", "BF16", ("avx512_bf16", "amx_bf16"), "a CPU with AVX512_BF16 or AMX-BF16"),
+    "f16": ComputeNeed(
+        "f16", "FP16", ("avx512_fp16", "amx_fp16", "asimdhp"), "a CPU with AVX512-FP16, AMX-FP16 or ARM FP16 arithmetic"
+    ),
+}
+
+
+def compute_need(precision: str) -> ComputeNeed | None:
+    """What computing in ``precision`` needs from the CPU; None for f32 (every CPU); ValueError if unknown."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"unknown inference precision {precision!r}; known: {', '.join(INFERENCE_PRECISIONS)}")
+    return COMPUTE_NEEDS.get(precision)
+
+
 _LIBRARIES = ("quantgate", "onnxruntime", "onnx", "numpy", "mlflow", "openvino", "nncf", "torch")
 
 

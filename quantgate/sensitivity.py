@@ -169,16 +169,19 @@ class _Prefix:
         """1 - mean cosine of the first output with only ``unit`` quantized; NaN when its variant does not run."""
         plan = self.plans.get(unit.node)
         output = self.fp32.graph.output[0].name
-        try:
-            if self.cache is None or plan is None:
-                session = _session(_variant(self.fp32, unit).SerializeToString(), threads)
-                outputs = [session.run(None, batch)[0] for batch in self.inputs]
-            elif output not in plan.produced:
+        if self.cache is not None and plan is not None:
+            if output not in plan.produced:
                 return 0.0  # the layer does not reach the first output
-            else:
+            try:
                 sub = _submodel(self.fp32, plan, self.cache[0])
                 session = _session(_variant(sub, unit).SerializeToString(), threads)
                 outputs = [session.run(None, {t: c[t] for t in plan.boundary})[0] for c in self.cache]
+                return output_error(self.reference, outputs)
+            except Exception as exc:  # e.g. Resize's shape inputs as graph inputs of unknown shape: run it whole
+                log.info("%s: the downstream part does not run alone (%s); running the whole graph", unit.node, exc)
+        try:
+            session = _session(_variant(self.fp32, unit).SerializeToString(), threads)
+            outputs = [session.run(None, batch)[0] for batch in self.inputs]
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types; one odd layer must not stop the ranking
             log.warning("cannot measure %s alone quantized: %s", unit.node, str(exc).splitlines()[0][:200])
             return float("nan")

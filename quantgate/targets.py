@@ -3,7 +3,8 @@
 A policy's ``targets`` send a backend's compress + validate step to a Prefect work pool whose workers have the
 target hardware. The step records the host fingerprint with every candidate; the parent refuses a result whose
 fingerprint does not match the target's declared requirements (a worker on the wrong machine, a mislabelled pool),
-so a latency figure measured on the wrong hardware can never pass the gate. Plain functions, no Prefect or MLflow.
+or whose CPU lacks what the recipe's compute precision needs (BF16/FP16: ``hardware.compute_need``), so a latency
+figure measured on the wrong hardware can never pass the gate. Plain functions, no Prefect or MLflow.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from quantgate.gate import Check, Verdict
-from quantgate.hardware import Hardware
+from quantgate.hardware import INFERENCE_PRECISIONS, Hardware, compute_need
 from quantgate.pipeline import PlannedRecipe, failed_result
 from quantgate.plugins.base import Recipe
 from quantgate.policy import HardwareRequirements, Policy, TargetPolicy
@@ -54,6 +55,20 @@ def mismatches(hw: Hardware, req: HardwareRequirements) -> list[str]:
     return out
 
 
+def compute_mismatches(hw: Hardware, recipe: Recipe) -> list[str]:
+    """Why this host cannot have computed ``recipe`` in the float precision it names (BF16/FP16 need ISA support);
+    empty when it can. The requirement is part of every candidate's, whatever the target's ``requires`` say."""
+    precision = recipe.options.get("inference_precision")
+    if precision is None:
+        return []
+    if precision not in INFERENCE_PRECISIONS:
+        return [f"recipe {recipe.name} names inference precision {precision!r}, which this quantgate does not know"]
+    need = compute_need(str(precision))
+    if need is None or need.met_by(hw.isa_flags):
+        return []
+    return [f"recipe {recipe.name} computes in {need.capability}, which needs {need.cpu}; {need.lacking()}"]
+
+
 def hardware_check(cand: CandidateResult, target: TargetPolicy, recorded_fingerprint: object) -> Check:
     """The ``hardware`` gate check of a candidate that had a target."""
     hw = cand.hardware
@@ -63,7 +78,7 @@ def hardware_check(cand: CandidateResult, target: TargetPolicy, recorded_fingerp
     if recorded_fingerprint is not None and recorded_fingerprint != hw.fingerprint():
         detail = f"{where}: the recorded fingerprint {recorded_fingerprint} does not match the recorded hardware"
         return Check("hardware", False, detail)
-    problems = mismatches(hw, target.requires)
+    problems = mismatches(hw, target.requires) + compute_mismatches(hw, cand.recipe)
     if problems:
         return Check("hardware", False, f"{where}: refused for pool {target.pool}: {'; '.join(problems)}")
     return Check("hardware", True, f"{where}: meets the requirements of pool {target.pool}")

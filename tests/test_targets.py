@@ -122,3 +122,47 @@ def test_a_failed_step_fails_only_its_own_recipes_and_is_not_hardware_checked() 
     assert all(not r.passed and r.verdict.reasons == ["no worker picked it up"] for r in checked)
     missing = targets.failed_step("p", [PlannedRecipe("openvino", None, "not installed")], "why", XEON, True, policy)
     assert [r.recipe.name for r in missing.results] == ["(step failed)"]
+
+
+def test_a_candidate_computing_in_bf16_or_fp16_needs_that_isa_on_the_hardware_it_recorded() -> None:
+    """The recipe's compute precision is part of every candidate's hardware requirement, on top of ``requires``."""
+    from pathlib import Path
+
+    from quantgate.model import ModelInfo
+    from quantgate.plugins.openvino import OpenVinoBackend
+
+    recipes = {r.name: r for r in OpenVinoBackend().recipes(ModelInfo(Path("m.onnx"), (), (), 17))}
+    zen4 = Hardware("AMD EPYC 9R14", "x86_64", 8, ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"))
+    sapphire = Hardware("Intel(R) Xeon(R) Platinum 8488C", "x86_64", 8, ("avx512_bf16", "avx512_fp16", "amx_bf16"))
+    graviton3 = Hardware("Neoverse-V1", "aarch64", 8, ("asimdhp",))
+    bf16 = "computes in BF16, which needs a CPU with AVX512_BF16 or AMX-BF16; this CPU has neither"
+    fp16 = "computes in FP16, which needs a CPU with AVX512-FP16, AMX-FP16 or ARM FP16 arithmetic; this CPU has none"
+    cases = [
+        (XEON, "int8-ptq-performance", []),
+        (XEON, "int8-ptq-performance-bf16", [f"recipe int8-ptq-performance-bf16 {bf16}"]),
+        (XEON, "f16", [f"recipe f16 {fp16} of them"]),
+        (zen4, "bf16", []),
+        (zen4, "int8-accuracy-control-f16", [f"recipe int8-accuracy-control-f16 {fp16} of them"]),
+        (sapphire, "int8-weights-bf16", []),
+        (sapphire, "f16", []),
+        (graviton3, "f16", []),
+        (graviton3, "bf16", [f"recipe bf16 {bf16}"]),  # OpenVINO computes in BF16 on x86 only
+        (Hardware("x", "x86_64", 2, ("amx_bf16",)), "bf16", []),
+    ]
+    for hw, name, expected in cases:
+        assert targets.compute_mismatches(hw, recipes[name]) == expected, (hw.cpu_model, name)
+    assert targets.compute_mismatches(XEON, Recipe.make("openvino", "old", "int8")) == []  # recorded before the setting
+    odd = Recipe.make("openvino", "future", "fp8", inference_precision="f8")
+    assert targets.compute_mismatches(sapphire, odd) == [
+        "recipe future names inference precision 'f8', which this quantgate does not know"
+    ]
+
+    policy = parse_policy({"backends": ["openvino"], "targets": {"openvino": {"pool": "cpu-x86"}}})
+    candidate = _candidate()
+    on_xeon = CandidateResult(recipes["bf16"], candidate.metrics, candidate.verdict, XEON)
+    on_zen4 = CandidateResult(recipes["bf16"], candidate.metrics, candidate.verdict, zen4)
+    refused, accepted = targets.check_targets([on_xeon, on_zen4], policy, [XEON.fingerprint(), zen4.fingerprint()])
+    assert not refused.passed and f"refused for pool cpu-x86: recipe bf16 {bf16}" in refused.verdict.reasons[0]
+    assert accepted.passed and "meets the requirements of pool cpu-x86" in accepted.verdict.checks[-1].detail
+    # The new flags can be required by a policy too.
+    assert parse_policy({"targets": {"onnxruntime": {"pool": "p", "requires": {"isa": ["amx_fp16", "asimdhp"]}}}})

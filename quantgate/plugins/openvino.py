@@ -1,4 +1,6 @@
-"""OpenVINO backend: FP32/FP16 IR, NNCF post-training INT8 (full and weights-only) and accuracy-controlled INT8, on CPU.
+"""OpenVINO backend: FP32/FP16 IR, NNCF post-training INT8 (full and weights-only), accuracy-controlled INT8 and
+sensitivity-guided mixed INT8/float (``int8-mixed``, in ``_ov_mixed``), on CPU, each computed in FP32 or, where the
+CPU has it, in BF16 or FP16 (the recipe's ``inference_precision``).
 
 ``openvino`` and ``nncf`` are imported inside methods only, so this module imports (and reports itself unavailable)
 without them.
@@ -21,9 +23,10 @@ import numpy as np
 
 from quantgate.data import NpzDataset
 from quantgate.errors import BackendError, DataError
-from quantgate.hardware import detect
+from quantgate.hardware import INFERENCE_PRECISIONS, ComputeNeed, compute_need, detect
 from quantgate.model import ModelInfo
 from quantgate.plugins.base import Availability, Calibration, Candidate, Recipe, Runner, SettingValue
+from quantgate.sensitivity import Deadline
 from quantgate.validators.fidelity import cosine_per_row
 
 log = logging.getLogger(__name__)
@@ -31,7 +34,9 @@ log = logging.getLogger(__name__)
 NAME = "openvino"
 INSTALL_HINT = "pip install quantgate[openvino]"
 ACCURACY_CONTROL = "int8-accuracy-control"
+MIXED = "int8-mixed"
 Metric = Literal["accuracy", "fidelity"]
+REDUCED_PRECISIONS = ("bf16", "f16")  # each gets the float recipe and an -<precision> variant of every INT8 recipe
 
 _NO_DOT_PRODUCT_NOTE = (
     "this CPU has no VNNI/AMX INT8 dot-product instructions: INT8 kernels may be slower than FP32 here"
@@ -39,9 +44,13 @@ _NO_DOT_PRODUCT_NOTE = (
 
 
 class OvRunner:
-    """One compiled IR and one reused infer request: inputs by name in, outputs in graph order out."""
+    """One compiled IR and one reused infer request: inputs by name in, outputs in graph order out.
 
-    def __init__(self, xml: Path, threads: int) -> None:
+    ``precision`` is the inference precision OpenVINO computes the float layers in ("f32", "bf16", "f16");
+    ``inference_precision`` is the one in effect, read back from the compiled model (it must be the one asked for).
+    """
+
+    def __init__(self, xml: Path, threads: int, precision: str = "f32") -> None:
         import openvino as ov
         import openvino.properties as props
         import openvino.properties.hint as hints
@@ -50,21 +59,46 @@ class OvRunner:
             props.inference_num_threads(): threads,
             hints.performance_mode(): hints.PerformanceMode.LATENCY,
             props.num_streams(): 1,
-            # The CPU plugin computes in BF16 by default on CPUs with AVX512-BF16/AMX: pin FP32 so the baseline is a
-            # true FP32 reference and a candidate's precision is what its IR says.
-            hints.inference_precision(): ov.Type.f32,
+            # Always explicit: the CPU plugin computes in BF16 by default on CPUs with AVX512_BF16/AMX, so without
+            # this the FP32 baseline would not be an FP32 reference and a candidate would not run as its recipe says.
+            hints.inference_precision(): _ov_type(precision),
         }
         try:
             compiled = ov.Core().compile_model(str(xml), "CPU", config)
         except Exception as exc:  # openvino raises RuntimeError and its own pybind11 types
             raise BackendError(f"openvino cannot load {xml.name}: {_ov_reason(exc)}") from exc
+        self.inference_precision = _precision_in_effect(compiled, precision, xml.name)
+        self.compiled = compiled
         self._request = compiled.create_infer_request()
+        self._dtypes = {p.get_any_name(): p.get_element_type().to_dtype() for p in compiled.inputs}
+        self._outputs = len(compiled.outputs)
+        self._bound: dict[str, np.ndarray] = {}
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         # Zero-copy in and out, then one copy of the outputs (the next call reuses the request's buffers): at batch 1
         # the default copies cost ~20% of a small model's latency, which would be charged to OpenVINO, not the model.
-        result = self._request.infer(dict(inputs), share_inputs=True, share_outputs=True)
-        return [np.array(v, copy=True) for v in result.to_tuple()]
+        # An array bound on an earlier call is not bound again: re-wrapping it each call cost 3-6% of a 1 ms INT8
+        # MTCNN O-Net here (measured against a bare infer()), and the latency validator calls with the same arrays.
+        request = self._request
+        for name, value in inputs.items():
+            if self._bound.get(name) is value:
+                continue
+            if value.dtype != self._dtypes.get(name) or not value.flags.c_contiguous:
+                self._bound.clear()
+                result = request.infer(dict(inputs), share_inputs=True, share_outputs=True)
+                return [np.array(v, copy=True) for v in result.to_tuple()]
+            request.set_tensor(name, _ov_tensor(value))
+            self._bound[name] = value
+        request.infer()
+        return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(self._outputs)]
+
+    def bare(self, inputs: Mapping[str, np.ndarray]) -> Callable[[], object]:
+        """The runtime's call alone, inputs bound once (what the latency validator subtracts to measure ``run``)."""
+        request = self._request
+        for name, value in inputs.items():
+            request.set_tensor(name, _ov_tensor(value))
+        infer: Callable[[], object] = request.infer
+        return infer
 
 
 @dataclass(frozen=True)
@@ -80,8 +114,17 @@ class AccuracyControl:
 
 
 class OpenVinoBackend:
-    """IR files (.xml + .bin) compiled on OpenVINO's CPU plugin; ``int8-accuracy-control`` needs
-    :meth:`configure_accuracy_control` on the same instance before :meth:`compress`."""
+    """IR files (.xml + .bin) compiled on OpenVINO's CPU plugin; ``int8-accuracy-control`` and ``int8-mixed`` (and
+    their reduced-precision variants) need :meth:`configure_accuracy_control` on the same instance before
+    :meth:`compress`.
+
+    The reduced-precision recipes (``bf16``, ``f16`` and the ``-bf16``/``-f16`` INT8 variants) are listed on every
+    host, and :meth:`compress` refuses them with a one-line ``BackendError`` on a host whose OpenVINO CPU plugin does
+    not offer that compute (``OPTIMIZATION_CAPABILITIES`` without ``BF16``/``FP16``). Listing them only where they
+    can run would make a policy's recipe names depend on the host that reads it: the parent of a run checks the
+    names and plans every target pool's recipes, and its own CPU need not be the target's. A host without the
+    capability therefore shows these candidates as failed, with the reason, instead of silently not trying them.
+    """
 
     name = NAME
 
@@ -106,7 +149,7 @@ class OpenVinoBackend:
         limit: int | None = None,
         caveat: str = "",
     ) -> None:
-        """Give ``int8-accuracy-control`` its validation set, metric, allowed drop and wall-clock budget.
+        """Give ``int8-accuracy-control`` and ``int8-mixed`` their validation set, metric, allowed drop and budget.
 
         ``metric="accuracy"``: top-1 of the first output against ``labels``; ``max_drop`` is absolute (0.01 = 1 point).
         ``metric="fidelity"``: mean cosine similarity of the first output to the FP32 model's; the FP32 model scores
@@ -133,8 +176,7 @@ class OpenVinoBackend:
         """
         model_type: SettingValue = "transformer" if model.is_transformer else None
         default_preset = "mixed" if model.is_transformer else "performance"  # nncf's own default per model type
-        return [
-            Recipe.make(NAME, "fp16-ir", "fp16", kind="fp16"),
+        int8 = [
             Recipe.make(
                 NAME, "int8-ptq-performance", "int8", kind="quantize", preset="performance",
                 fast_bias_correction=True, model_type=model_type, target_device="CPU",
@@ -149,6 +191,19 @@ class OpenVinoBackend:
                 fast_bias_correction=True, model_type=model_type, target_device="CPU", drop_type="absolute",
             ),
         ]  # fmt: skip
+        fp16_ir = Recipe.make(NAME, "fp16-ir", "fp16", kind="fp16")
+        out = [_at(r, "f32", r.name, r.precision) for r in (fp16_ir, *int8)]
+        for p in REDUCED_PRECISIONS:
+            out.append(Recipe.make(NAME, p, p, kind="float", inference_precision=p))
+            out.extend(_at(r, p, f"{r.name}-{p}", f"int8-{p}") for r in int8)
+        # Full INT8 as int8-ptq-performance builds it, with the fewest most sensitive layers kept float when that
+        # misses the gate (_ov_mixed). Listed last, so the names above keep their positions.
+        mixed = Recipe.make(
+            NAME, MIXED, "int8", kind="mixed", preset="performance", fast_bias_correction=True,
+            model_type=model_type, target_device="CPU", ranking_samples=16,
+        )  # fmt: skip
+        out += [_at(mixed, "f32", MIXED, "int8"), _at(mixed, "bf16", f"{MIXED}-bf16", "int8-bf16")]
+        return out
 
     def baseline(self, model: ModelInfo, workdir: Path) -> Candidate:
         import openvino as ov
@@ -156,10 +211,14 @@ class OpenVinoBackend:
         workdir.mkdir(parents=True, exist_ok=True)
         xml = workdir / "fp32-ir.xml"
         ov.save_model(_convert(model.path), str(xml), compress_to_fp16=False)
-        notes: tuple[str, ...] = ()
-        if {"avx512_bf16", "amx_bf16"} & set(detect().isa_flags):
-            notes = ("OpenVINO would compute in BF16 on this CPU by default; quantgate pins FP32 inference precision",)
-        return Candidate(Recipe.make(NAME, "fp32-ir", "fp32"), xml, notes=notes, files=_ir_files(xml))
+        notes: tuple[str, ...] = (
+            _precision_note(OvRunner(xml, threads=1, precision="f32").inference_precision, "float"),
+        )
+        default = _default_precision()
+        if default != "f32":
+            notes = (*notes, f"OpenVINO would compute in {_label(default)} on this CPU by default; quantgate pins FP32")
+        recipe = Recipe.make(NAME, "fp32-ir", "fp32", inference_precision="f32")
+        return Candidate(recipe, xml, notes=notes, files=_ir_files(xml))
 
     def compress(self, model: ModelInfo, recipe: Recipe, calib: Calibration, workdir: Path) -> Candidate:
         import openvino as ov
@@ -167,33 +226,46 @@ class OpenVinoBackend:
         workdir.mkdir(parents=True, exist_ok=True)
         xml = workdir / f"{recipe.name}.xml"
         opts = recipe.options
-        if opts["kind"] == "accuracy_control" and self._accuracy is None:
+        precision = _precision_of(recipe)
+        if opts["kind"] in _TUNED_KINDS and self._accuracy is None:
             raise BackendError(
                 f"{recipe.name} needs validation data; the pipeline must call configure_accuracy_control() first"
             )
+        _require_compute(recipe.name, precision)
         try:
             source = _convert(model.path)
             with _quiet_nncf():
-                compressed, notes = self._build(source, opts, calib)
+                compressed, notes = self._build(source, opts, calib, model.path, workdir.parent)
             ov.save_model(compressed, str(xml), compress_to_fp16=opts["kind"] == "fp16")
+            in_effect = OvRunner(xml, threads=1, precision=precision).inference_precision
         except (_BudgetExhausted, BackendError) as exc:
             raise BackendError(f"{recipe.name} failed: {exc}") from None
         except Exception as exc:  # nncf and openvino raise anything from ValueError to pybind11 runtime errors
             raise BackendError(f"{recipe.name} failed: {_ov_reason(exc)}") from exc
-        if opts["kind"] != "fp16" and not detect().int8_dot_product:
+        notes = (*notes, _precision_note(in_effect, str(opts["kind"])))
+        if opts["kind"] in _INT8_KINDS and not detect().int8_dot_product:
             notes = (*notes, _NO_DOT_PRODUCT_NOTE)
         return Candidate(recipe, xml, notes=notes, files=_ir_files(xml))
 
     def runner(self, candidate: Candidate, *, threads: int) -> Runner:
-        return OvRunner(candidate.artifact, threads)
+        return OvRunner(candidate.artifact, threads, _precision_of(candidate.recipe))
 
     # -- recipe implementations -------------------------------------------------------------
 
-    def _build(self, model: Any, opts: dict[str, SettingValue], calib: Calibration) -> tuple[Any, tuple[str, ...]]:
+    def _build(
+        self, model: Any, opts: dict[str, SettingValue], calib: Calibration, source: Path, shared: Path
+    ) -> tuple[Any, tuple[str, ...]]:
+        """``model`` (``source`` converted) compressed by the recipe; ``shared``: the folder every recipe of this
+        backend shares in a run (``int8-mixed`` caches its layer ranking there)."""
         kind = opts["kind"]
         if kind == "fp16":
-            notes = "weights stored as FP16 and upcast at load; the CPU computes in FP32, so expect a smaller file only"
+            notes = (
+                "FP16 storage only: weights stored as FP16 and converted to FP32 when compiled, and computed in FP32 "
+                "(inference precision pinned): a smaller file, not faster compute (FP16 compute is the f16 recipe)"
+            )
             return model, (notes,)
+        if kind == "float":
+            return model, ()  # the FP32 IR as it is: only the inference precision differs
         if kind == "weights":
             import nncf
 
@@ -203,26 +275,37 @@ class OpenVinoBackend:
             import nncf
 
             data = _CalibrationBatches(calib)
-            quantized = nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), **_quantize_args(opts, data))
+            quantized = nncf.quantize(
+                model, nncf.Dataset(data), subset_size=len(data), **_quantize_args(opts, data, model)
+            )
             return quantized, (data.describe(),)
         assert self._accuracy is not None  # compress() checked
+        if kind == "mixed":
+            from quantgate.plugins._ov_mixed import mixed_precision
+
+            return mixed_precision(model, source, opts, calib, self._accuracy, shared)
         return _accuracy_controlled(model, opts, calib, self._accuracy)
 
 
-def _quantize_args(opts: dict[str, SettingValue], data: _CalibrationBatches) -> dict[str, Any]:
+_RECURRENT = {"LSTMSequence", "GRUSequence", "RNNSequence", "LSTMCell", "GRUCell", "RNNCell"}
+
+
+def _quantize_args(opts: dict[str, SettingValue], data: _CalibrationBatches, model: Any = None) -> dict[str, Any]:
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
 
     transformer = opts["model_type"] == "transformer"
+    recurrent = bool(_RECURRENT & {op.get_type_name() for op in model.get_ops()}) if model is not None else False
     return {
         "preset": nncf.QuantizationPreset(str(opts["preset"])),
         "target_device": nncf.TargetDevice(str(opts["target_device"])),
         "fast_bias_correction": bool(opts["fast_bias_correction"]),
         "model_type": nncf.ModelType.TRANSFORMER if transformer else None,
         # Per-sample statistics when items are batches (nncf's rule for batched loaders), except for transformers,
-        # where nncf warns that batch-wise statistics cost accuracy.
+        # where nncf warns that batch-wise statistics cost accuracy, and recurrent graphs, where nncf 3.4 crashes on
+        # them ("list assignment index out of range" on a CRNN's LSTMs).
         "advanced_parameters": AdvancedQuantizationParameters(
-            batchwise_statistics=data.batch_size > 1 and not transformer
+            batchwise_statistics=data.batch_size > 1 and not transformer and not recurrent
         ),
     }
 
@@ -230,17 +313,18 @@ def _quantize_args(opts: dict[str, SettingValue], data: _CalibrationBatches) -> 
 # -- calibration and validation data, streamed ----------------------------------------------------
 
 
-class _Deadline:
-    def __init__(self, budget_s: float | None) -> None:
-        self.budget_s = budget_s
-        self.start = time.monotonic()
+class _Deadline(Deadline):
+    """A ``Deadline`` whose ``check`` stops nncf mid-run (from our data iterators and validation function)."""
+
+    def __init__(
+        self, budget_s: float | None, hint: str = "raise the budget, validate on fewer samples, or use int8-ptq-mixed"
+    ) -> None:
+        super().__init__(budget_s)
+        self.hint = hint
 
     def check(self) -> None:
-        if self.budget_s is not None and time.monotonic() - self.start > self.budget_s:
-            raise _BudgetExhausted(
-                f"time budget of {self.budget_s:g} s exhausted after {time.monotonic() - self.start:.1f} s; "
-                "raise the budget, validate on fewer samples, or use int8-ptq-mixed"
-            )
+        if self.expired():
+            raise _BudgetExhausted(f"{self.describe()}; {self.hint}")
 
 
 class _BudgetExhausted(BaseException):
@@ -300,7 +384,7 @@ def _scorer(control: AccuracyControl, samples: _ValidationSamples, fp32: Any) ->
     """Per-sample score: 1/0 for a correct top-1, or cosine similarity to the FP32 output."""
     if control.metric == "accuracy":
         return lambda out, sample: float(np.argmax(out.reshape(-1)) == sample.label)
-    compiled = _compile_f32(fp32)
+    compiled = _compile(fp32, "f32")  # the reference is true FP32, whatever the candidate computes in
     reference = [np.asarray(compiled(s.inputs)[0]).reshape(1, -1) for s in samples]
     return lambda out, sample: float(cosine_per_row(reference[sample.index], out.reshape(1, -1))[0])
 
@@ -311,40 +395,99 @@ def _accuracy_controlled(
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
+    precision = str(opts["inference_precision"])
     deadline = _Deadline(control.time_budget_s)
     data = _CalibrationBatches(calib, deadline)
     samples = _ValidationSamples(control.validation, control.limit, deadline)
     score = _scorer(control, samples, model)
+    at_precision = _AtPrecision(precision)
 
-    def validate(compiled: Any, items: Iterable[_Sample]) -> tuple[float, list[float]]:
+    def evaluate(compiled: Any, items: Iterable[_Sample]) -> tuple[float, list[float]]:
         deadline.check()
         scores = [score(np.asarray(compiled(item.inputs)[0]), item) for item in items]
         return (float(np.mean(scores)) if scores else 0.0), scores
 
-    fp32_metric = 1.0 if control.metric == "fidelity" else validate(_compile_f32(model), samples)[0]
+    def validate(compiled: Any, items: Iterable[_Sample]) -> tuple[float, list[float]]:
+        return evaluate(at_precision(compiled), items)
+
+    fp32_metric = 1.0 if control.metric == "fidelity" else evaluate(_compile(model, "f32"), samples)[0]
+    max_drop, precision_notes = _drop_left_for_int8(control, fp32_metric, precision, model, samples, evaluate)
     quantized = nncf.quantize_with_accuracy_control(
         model,
         nncf.Dataset(data),
         nncf.Dataset(samples, lambda sample: sample.inputs),
         validate,
-        max_drop=control.max_drop,
+        max_drop=max_drop,
         drop_type=nncf.DropType.ABSOLUTE,
         subset_size=len(data),
         advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
             ranking_subset_size=min(len(samples), 300)  # nncf's default is the calibration item count
         ),
-        **_restorer_args(_quantize_args(opts, data)),
+        **_restorer_args(_quantize_args(opts, data, model)),
     )
-    final = validate(_compile_f32(quantized), samples)[0]
+    final = evaluate(_compile(quantized, precision), samples)[0]
     drop = fp32_metric - final
     verdict = "within" if drop <= control.max_drop + 1e-12 else "NOT within"
+    computed = "" if precision == "f32" else f" computed in {_label(precision)}"
     note = (
         f"accuracy control on {len(samples)} samples of {control.validation.path.name} by {control.metric}: "
-        f"{final:.4f} vs FP32 {fp32_metric:.4f} (drop {drop:.4f}, {verdict} max_drop {control.max_drop:g}) "
-        f"in {time.monotonic() - deadline.start:.1f} s"
+        f"{final:.4f}{computed} vs FP32 {fp32_metric:.4f} (drop {drop:.4f}, {verdict} max_drop "
+        f"{control.max_drop:g}) in {time.monotonic() - deadline.start:.1f} s"
     )
     log.info("%s", note)
-    return quantized, (data.describe(), note, *((control.caveat,) if control.caveat else ()))
+    return quantized, (data.describe(), *precision_notes, note, *((control.caveat,) if control.caveat else ()))
+
+
+def _drop_left_for_int8(
+    control: AccuracyControl,
+    fp32_metric: float,
+    precision: str,
+    model: Any,
+    samples: _ValidationSamples,
+    evaluate: Callable[[Any, Iterable[_Sample]], tuple[float, list[float]]],
+) -> tuple[float, tuple[str, ...]]:
+    """The drop nncf may spend on INT8: ``max_drop`` less what the reduced float precision alone loses.
+
+    nncf measures its drop against the float model as our validation function scores it, that is at the recipe's
+    precision; the gate measures against true FP32. Without this, BF16's own loss would come on top of max_drop.
+    """
+    if precision == "f32":
+        return control.max_drop, ()
+    float_metric = evaluate(_compile(model, precision), samples)[0]
+    loss = max(0.0, fp32_metric - float_metric)
+    what = f"the float model computed in {_label(precision)} scores {float_metric:.4f} vs FP32 {fp32_metric:.4f}"
+    if loss > control.max_drop:
+        raise BackendError(f"{what}: that alone exceeds max_drop {control.max_drop:g}, so no INT8 layer can stay")
+    left = control.max_drop - loss
+    return left, (f"{what}; nncf was given the remaining drop {left:.3g} of max_drop {control.max_drop:g}",)
+
+
+class _AtPrecision:
+    """nncf compiles every model it validates with FP32 pinned; this recompiles it at the recipe's precision, so
+    the layers accuracy control restores to float are judged at the precision they will run in.
+
+    The CPU plugin's exported blob holds the model, and importing it with another inference precision compiles it
+    anew (checked on OpenVINO 2026.4: the same runtime graph and bit-identical outputs as compiling the model at
+    that precision directly). nncf validates one compiled model item by item while ranking, hence the cache.
+    """
+
+    def __init__(self, precision: str) -> None:
+        self._precision = precision
+        self._last: tuple[Any, Any] | None = None
+
+    def __call__(self, compiled: Any) -> Any:
+        if self._precision == "f32":
+            return compiled
+        if self._last is not None and self._last[0] is compiled:
+            return self._last[1]
+        import openvino as ov
+        import openvino.properties.hint as hints
+
+        config = {hints.inference_precision(): _ov_type(self._precision)}
+        ours = ov.Core().import_model(compiled.export_model(), "CPU", config)
+        _precision_in_effect(ours, self._precision, "the model nncf validates")
+        self._last = (compiled, ours)
+        return ours
 
 
 def _restorer_args(args: dict[str, Any]) -> dict[str, Any]:
@@ -354,14 +497,105 @@ def _restorer_args(args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _compile_f32(model: Any) -> Any:
+def _compile(model: Any, precision: str) -> Any:
     import openvino as ov
     import openvino.properties.hint as hints
 
-    return ov.Core().compile_model(model, "CPU", {hints.inference_precision(): ov.Type.f32})
+    compiled = ov.Core().compile_model(model, "CPU", {hints.inference_precision(): _ov_type(precision)})
+    _precision_in_effect(compiled, precision, "the model")
+    return compiled
+
+
+# -- inference precision ------------------------------------------------------------------------
+
+_INT8_KINDS = ("quantize", "weights", "accuracy_control", "mixed")
+_TUNED_KINDS = ("accuracy_control", "mixed")  # they need configure_accuracy_control() first
+
+
+def _at(recipe: Recipe, precision: str, name: str, label: str) -> Recipe:
+    return Recipe.make(NAME, name, label, **{**recipe.options, "inference_precision": precision})
+
+
+def _precision_of(recipe: Recipe) -> str:
+    """The recipe's inference precision; f32 for recipes recorded before it was a setting."""
+    precision = str(recipe.options.get("inference_precision") or "f32")
+    if precision not in INFERENCE_PRECISIONS:  # never a silent FP32 run
+        known = ", ".join(INFERENCE_PRECISIONS)
+        raise BackendError(f"{recipe.name}: unknown inference precision {precision!r}; known: {known}")
+    return precision
+
+
+def _label(precision: str) -> str:
+    if precision not in INFERENCE_PRECISIONS:
+        return precision
+    need = compute_need(precision)
+    return "FP32" if need is None else need.capability
+
+
+def _ov_type(precision: str) -> Any:
+    import openvino as ov
+
+    return {"f32": ov.Type.f32, "bf16": ov.Type.bf16, "f16": ov.Type.f16}[precision]
+
+
+def _precision_in_effect(compiled: Any, wanted: str, what: str) -> str:
+    """The precision OpenVINO computes ``compiled`` in; a ``BackendError`` when it is not ``wanted``.
+
+    OpenVINO does not refuse a precision the CPU lacks: it computes in another one (f16 becomes bf16 on a CPU
+    without FP16), so what is measured would not be what the recipe says.
+    """
+    import openvino.properties.hint as hints
+
+    in_effect = str(compiled.get_property(hints.inference_precision()).get_type_name())
+    if in_effect != wanted:
+        raise BackendError(f"openvino compiled {what} with inference precision {in_effect}, not {wanted}")
+    return in_effect
+
+
+def _precision_note(in_effect: str, kind: str) -> str:
+    """The inference precision in effect, as OpenVINO reported it after compiling, and what it means here."""
+    what = "the layers left in float" if kind in ("quantize", *_TUNED_KINDS) else "the float layers"
+    return f"OpenVINO inference precision in effect: {in_effect} ({what} compute in {_label(in_effect)})"
+
+
+def cpu_plugin_capabilities() -> frozenset[str]:
+    """What OpenVINO's CPU plugin offers on this host (``OPTIMIZATION_CAPABILITIES``: "BF16", "FP16", "INT8"...).
+
+    The source of truth for reduced-precision compute: the plugin computes in BF16/FP16 only where it lists them.
+    """
+    import openvino as ov
+
+    return frozenset(str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def _default_precision() -> str:
+    """The inference precision OpenVINO's CPU plugin picks on this host when none is given."""
+    import openvino as ov
+    import openvino.properties.hint as hints
+
+    return str(ov.Core().get_property("CPU", hints.inference_precision()).get_type_name())
+
+
+def _require_compute(recipe_name: str, precision: str) -> None:
+    """A one-line ``BackendError`` when this host's OpenVINO cannot compute in ``precision``."""
+    need: ComputeNeed | None = compute_need(precision)
+    if need is None or need.capability in cpu_plugin_capabilities():
+        return
+    flags = [f for f in need.isa_any if f in detect().isa_flags]
+    why = f"although the CPU has {', '.join(flags)}" if flags else need.lacking()
+    raise BackendError(
+        f"{recipe_name} computes in {need.capability}, which needs {need.cpu}; OpenVINO's CPU plugin does not offer "
+        f"{need.capability} on this host ({why})"
+    )
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _ov_tensor(value: np.ndarray) -> Any:
+    import openvino as ov
+
+    return ov.Tensor(np.ascontiguousarray(value), shared_memory=True)
 
 
 def _convert(path: Path) -> Any:

@@ -3,7 +3,8 @@
 ONNX Runtime candidates use MLflow's ``onnx`` flavor. OpenVINO IRs and TensorRT engines have no MLflow flavor, so
 they are logged as pyfunc models from code: a small script (``openvino_model.py``, ``tensorrt_model.py``) that
 MLflow copies into the model and runs at load time. Either way ``mlflow.pyfunc.load_model(uri)`` predicts with the
-source model's signature, and ``mlflow models serve`` answers REST requests.
+source model's signature, and ``mlflow models serve`` answers REST requests. An OpenVINO model carries the inference
+precision it was measured with in its ``model_config`` and compiles with it wherever it is loaded.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from quantgate.errors import BackendError
+from quantgate.hardware import compute_need
 from quantgate.model import ModelInfo
+from quantgate.plugins.base import Recipe
 from quantgate.result import CandidateResult
 
 HERE = Path(__file__).parent
@@ -58,6 +61,22 @@ def _log_onnx(cand: CandidateResult, common: dict[str, Any]) -> Any:
     )
 
 
+def openvino_model_config(recipe: Recipe) -> dict[str, Any]:
+    """What ``openvino_model.py`` compiles with and checks at load: the inference precision the candidate was
+    measured with, and (for BF16/FP16) what the host must offer, spelled out because quantgate is not there."""
+    precision = str(recipe.options.get("inference_precision") or "f32")  # f32: recorded before it was a setting
+    config: dict[str, Any] = {"inference_precision": precision}
+    need = compute_need(precision)
+    if need is not None:
+        config.update(
+            needs_capability=need.capability,
+            needs_isa_any=list(need.isa_any),
+            needs_cpu=need.cpu,
+            lacking=need.lacking(),
+        )
+    return config
+
+
 def _log_openvino(cand: CandidateResult, common: dict[str, Any]) -> Any:
     import mlflow
     from mlflow.models import Model
@@ -68,7 +87,7 @@ def _log_openvino(cand: CandidateResult, common: dict[str, Any]) -> Any:
         flavor=mlflow.pyfunc,
         python_model=str(HERE / "openvino_model.py"),
         artifacts={"model_xml": str(xml), "model_bin": str(xml.with_suffix(".bin"))},
-        model_config={"inference_precision": "f32"},
+        model_config=openvino_model_config(cand.recipe),
         pip_requirements=pins(cand.hardware.libraries, OPENVINO_LIBRARIES),
         **common,
     )
