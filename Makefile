@@ -55,6 +55,8 @@ $(BENCH_STAMP): benchmarks/requirements.txt $(STAMP)
 bench: install bench-env
 	$(BIN)/python benchmarks/bench_digits.py
 	$(BIN)/python benchmarks/bench_runtimes.py
+	$(BIN)/python benchmarks/bench_latency.py
+	$(BIN)/python benchmarks/bench_search.py
 
 local-prefect-stop: install
 	$(BIN)/quantgate local-prefect stop

@@ -77,8 +77,18 @@ def _time_once(runner: Runner, inputs: Mapping[str, np.ndarray]) -> float:
 def choose_block_calls(
     runners: Sequence[Runner], inputs: Mapping[str, np.ndarray], min_block_ms: float, probe_calls: int = 5
 ) -> int:
-    """Calls per block so that a block of the fastest runner lasts at least ``min_block_ms``."""
-    fastest = min(float(np.median([_time_once(r, inputs) for _ in range(probe_calls)])) for r in runners)
+    """Calls per block so that a block of the fastest runner lasts at least ``min_block_ms``.
+
+    Each runner's fastest of a few calls, after two untimed ones: the first calls after loading or after another
+    runner are slow, and a block sized on them would be too short once the runner is warm.
+    """
+
+    def warm_call_ms(runner: Runner) -> float:
+        for _ in range(2):
+            runner.run(inputs)
+        return min(_time_once(runner, inputs) for _ in range(probe_calls))
+
+    fastest = min(warm_call_ms(r) for r in runners)
     # The leading calls after a switch are discarded, so a block needs at least two.
     return int(min(MAX_BLOCK_CALLS, max(2, math.ceil(min_block_ms / max(fastest, 1e-3)))))
 

@@ -76,7 +76,7 @@ def test_blocks_time_consecutive_calls_and_discard_the_leading_ones_after_a_swit
         assert t.warm_ms.shape == (12 * (block - skip),)
         assert np.allclose(t.block_ms, t.calls_ms[:, skip:].mean(axis=1))
     # a block of the fastest runner lasts at least the asked-for milliseconds (within timing noise)
-    assert block == MAX_BLOCK_CALLS or np.median(timed[1].calls_ms.sum(axis=1)) > 0.8
+    assert block == MAX_BLOCK_CALLS or np.median(timed[1].calls_ms.sum(axis=1)) > 0.5
 
 
 def test_blocked_confidence_interval_shrinks_with_more_blocks() -> None:
