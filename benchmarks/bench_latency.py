@@ -37,7 +37,7 @@ import realmodels
 from quantgate.plugins.onnxruntime import OrtRunner
 from quantgate.plugins.openvino import OvRunner
 from quantgate.policy import LatencyPolicy
-from quantgate.validators.latency import choose_block_calls, measure_blocked
+from quantgate.validators.latency import choose_blocks, measure_blocked
 
 THREADS = 1
 
@@ -73,10 +73,10 @@ def benchmark_app_ms(xml: Path, shape: tuple[int, ...], input_name: str, precisi
         "-t", str(int(seconds)), "-shape", f"{input_name}[{dims}]", "-infer_precision", precision,
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    match = re.search(r"Median:\s+([\d.]+) ms", out)
+    match = re.search(r"Median:\s+([\d.]+) (ms|us)", out)  # it switches to microseconds below 1 ms
     if match is None:
         raise RuntimeError(f"benchmark_app printed no median latency:\n{out[-2000:]}")
-    return float(match.group(1))
+    return float(match.group(1)) / (1000.0 if match.group(2) == "us" else 1.0)
 
 
 def one_model(name: str, seconds: float, workdir: Path) -> list[dict[str, Any]]:
@@ -95,9 +95,10 @@ def one_model(name: str, seconds: float, workdir: Path) -> list[dict[str, Any]]:
         "openvino NNCF INT8 IR (f32 float parts)": OvRunner(int8.artifact, THREADS, "f32"),
     }
     runners = list(artifacts.values())
-    block = choose_block_calls(runners, x, LatencyPolicy().min_block_ms)
+    block = choose_blocks(runners, x, LatencyPolicy().min_block_ms, LatencyPolicy().switch_ms)
     timed = measure_blocked(runners, x, warmup=20, rounds=150, block_calls=block)
     p50 = {label: float(np.median(t.block_ms)) for label, t in zip(artifacts, timed, strict=True)}
+    t_calls = {label: t.block_calls for label, t in zip(artifacts, timed, strict=True)}
     ort_loop = tight_loop_ms(prepared.onnx, x, seconds)
     app = {
         "openvino fp32 IR (f32)": benchmark_app_ms(fp32_xml, spec.input_shape, spec.input_name, "f32", seconds),
@@ -113,7 +114,7 @@ def one_model(name: str, seconds: float, workdir: Path) -> list[dict[str, Any]]:
             {
                 "model": name,
                 "artifact": label,
-                "block_calls": block,
+                "block_calls": t_calls[label],
                 "quantgate_p50_ms": p50[label],
                 "tool": "tight loop" if label.startswith("onnxruntime") else "benchmark_app",
                 "tool_ms": tool[label],

@@ -45,7 +45,7 @@ import realmodels  # noqa: E402
 from quantgate.plugins.onnxruntime import OrtRunner  # noqa: E402
 from quantgate.plugins.openvino import OvRunner  # noqa: E402
 from quantgate.policy import LatencyPolicy  # noqa: E402
-from quantgate.validators.latency import choose_block_calls, measure_blocked, speedup_ci  # noqa: E402
+from quantgate.validators.latency import choose_blocks, measure_blocked, speedup_ci  # noqa: E402
 
 THREADS = 1
 
@@ -176,7 +176,7 @@ def one_model(name: str, old: str | None, work: Path) -> dict[str, Any]:
         runners.append(winner)
     x = prepared.latency_inputs()
     only = [r for _, r in runners]
-    block = choose_block_calls(only, x, LatencyPolicy().min_block_ms)
+    block = choose_blocks(only, x, LatencyPolicy().min_block_ms, LatencyPolicy().switch_ms)
     timed = measure_blocked(only, x, warmup=20, rounds=120, block_calls=block)
     ref_blocks = timed[0].block_ms
     speed = {}
@@ -186,7 +186,7 @@ def one_model(name: str, old: str | None, work: Path) -> dict[str, Any]:
     for row in rows:
         row["speedup"] = speed[row["name"]]
     out["anchors"] = rows
-    out["block_calls"] = block
+    out["block_calls"] = [t.block_calls for t in timed]
     if winner is not None:
         out["promoted_retimed"] = speed[winner[0]]
     return out

@@ -52,7 +52,8 @@ from quantgate.validators.base import (
 )
 from quantgate.validators.latency import (
     REFERENCE_BACKEND,
-    choose_block_calls,
+    Block,
+    choose_blocks,
     latency_batch,
     measure_blocked,
     speedup_ci,
@@ -627,7 +628,7 @@ def playoff(results: list[CandidateResult], bases: dict[str, Baseline], data: Da
         log.info("no final ranking: %s", exc)
         return
     inputs = latency_batch(data.evaluation, cfg.batch_sizes[0])
-    block = cfg.block_calls or choose_block_calls(runners, inputs, cfg.min_block_ms)
+    block: int | list[Block] = cfg.block_calls or choose_blocks(runners, inputs, cfg.min_block_ms, cfg.switch_ms)
     timed = measure_blocked(runners, inputs, warmup=cfg.warmup, rounds=max(cfg.min_rounds, 30), block_calls=block)
     ref = timed[0].block_ms
     names = ", ".join(f"{r.backend}/{r.recipe.name}" for r in finalists)

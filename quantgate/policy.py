@@ -56,10 +56,16 @@ class LatencyPolicy(_Strict):
         default=True, description="stop timing once the confidence interval decides the gate and the ranking"
     )
     block_calls: int | None = Field(
-        default=None, ge=2, le=100_000, description="consecutive calls per block; default: enough for min_block_ms"
+        default=None,
+        ge=2,
+        le=100_000,
+        description="calls per block for every runner; default: each runner's switch_ms + min_block_ms",
     )
     min_block_ms: float = Field(
         default=20.0, gt=0.0, le=60_000.0, description="shortest block when block_calls is unset"
+    )
+    switch_ms: float = Field(
+        default=20.0, ge=0.0, le=60_000.0, description="milliseconds of calls after a switch not counted as warm"
     )
     cold_starts: int = Field(
         default=1, ge=0, le=100, description="fresh loads timed for the first-call latency (0: not measured)"

@@ -69,7 +69,9 @@ def test_latency_figures_name_the_block_length_and_carry_cold_start_and_runner_o
     run = pipeline.evaluate(base, recipe, model, data, policy, detect(), tmp_path)
     m, latency = run.result.metrics, run.result.details["latency"]
     assert isinstance(latency, dict)
-    assert m["block_calls"] >= 2 and latency["block_calls"] == int(m["block_calls"])
+    assert m["block_calls"] >= 2 and latency["block_calls"][1] == int(m["block_calls"])  # per runner: base, candidate
+    assert latency["block_calls"][0] == int(m["baseline_block_calls"])
+    assert all(1 <= skip < calls for skip, calls in zip(latency["warm_skip"], latency["block_calls"], strict=True))
     assert len(latency["rounds_ms"]["candidate"]) == latency["blocks"] == int(m["rounds"])
     assert m["first_call_ms"] > 0 and m["baseline_first_call_ms"] > 0 and m["load_ms"] > 0
     assert m["first_call_speedup"] > 0

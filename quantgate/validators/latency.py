@@ -44,6 +44,7 @@ class BlockTimes:
     """Per-call milliseconds of one runner, one row per block; column 0 is the call right after a switch."""
 
     calls_ms: np.ndarray  # shape (blocks, block_calls)
+    skip: int | None = None  # leading calls not counted as warm; None: ``warm_skip(block_calls)``
 
     @property
     def block_calls(self) -> int:
@@ -51,7 +52,8 @@ class BlockTimes:
 
     @property
     def _warm(self) -> np.ndarray:
-        return self.calls_ms[:, warm_skip(self.block_calls) :]
+        skip = warm_skip(self.block_calls) if self.skip is None else self.skip
+        return self.calls_ms[:, skip:]
 
     @property
     def warm_ms(self) -> np.ndarray:
@@ -93,6 +95,36 @@ def choose_block_calls(
     return int(min(MAX_BLOCK_CALLS, max(2, math.ceil(min_block_ms / max(fastest, 1e-3)))))
 
 
+@dataclass(frozen=True)
+class Block:
+    """One runner's block: ``calls`` consecutive calls, of which the first ``skip`` are not counted as warm."""
+
+    calls: int
+    skip: int
+
+
+def choose_blocks(
+    runners: Sequence[Runner], inputs: Mapping[str, np.ndarray], min_block_ms: float, switch_ms: float
+) -> list[Block]:
+    """Each runner's own block: enough leading calls to cover ``switch_ms`` after a switch (not counted), then enough
+    counted calls to last ``min_block_ms``.
+
+    The refill after a switch takes time, not a number of calls: measured here, a real INT8 CRAFT detector (3 ms a
+    call, after ONNX Runtime FP32 ran) took 4.4, 3.7, 3.3, 3.2, 3.0 ms before its steady 2.9 ms; a 1 ms INT8 O-Net
+    was steady after three calls. A slow FP32 runner gets short blocks, a fast INT8 one long blocks.
+    """
+    out = []
+    for runner in runners:
+        for _ in range(2):
+            runner.run(inputs)
+        ms = max(min(_time_once(runner, inputs) for _ in range(5)), 1e-3)
+        skip = max(1, math.ceil(switch_ms / ms))
+        counted = max(1, math.ceil(min_block_ms / ms))
+        total = min(MAX_BLOCK_CALLS, skip + counted)
+        out.append(Block(total, min(skip, total - 1)))
+    return out
+
+
 StopRule = Callable[[list[BlockTimes]], bool]
 
 
@@ -102,7 +134,7 @@ def measure_blocked(
     *,
     warmup: int,
     rounds: int,
-    block_calls: int,
+    block_calls: int | Sequence[Block],
     min_rounds: int | None = None,
     stop: StopRule | None = None,
 ) -> list[BlockTimes]:
@@ -113,7 +145,8 @@ def measure_blocked(
         for runner in runners:
             runner.run(inputs)
     n = len(runners)
-    times = [np.empty((rounds, block_calls)) for _ in runners]
+    blocks = [Block(block_calls, warm_skip(block_calls))] * n if isinstance(block_calls, int) else list(block_calls)
+    times = [np.empty((rounds, b.calls)) for b in blocks]
     done = rounds
     floor = rounds if min_rounds is None else max(min_rounds, 2)
     for i in range(rounds):
@@ -121,13 +154,13 @@ def measure_blocked(
             k = (i + j) % n
             row = times[k][i]
             runner = runners[k]
-            for c in range(block_calls):
+            for c in range(blocks[k].calls):
                 row[c] = _time_once(runner, inputs)
         check = stop is not None and i + 1 >= floor and (i + 1) % _CHECK_EVERY == 0
-        if check and stop is not None and stop([BlockTimes(t[: i + 1]) for t in times]):
+        if check and stop is not None and stop([BlockTimes(t[: i + 1], b.skip) for t, b in zip(times, blocks)]):  # noqa: B905
             done = i + 1
             break
-    return [BlockTimes(t[:done]) for t in times]
+    return [BlockTimes(t[:done], b.skip) for t, b in zip(times, blocks, strict=True)]
 
 
 def measure_interleaved(
@@ -272,7 +305,9 @@ class LatencyValidator:
             runners = [ctx.baseline_runner, ctx.candidate_runner]
             if reference is not None and not on_reference:
                 runners.append(reference)
-            block = cfg.block_calls or choose_block_calls(runners, inputs, cfg.min_block_ms)
+            block: int | list[Block] = cfg.block_calls or choose_blocks(
+                runners, inputs, cfg.min_block_ms, cfg.switch_ms
+            )
             stop = None
             if cfg.adaptive and i == 0 and ctx.latency_target is not None:
                 target = ctx.latency_target
@@ -284,7 +319,8 @@ class LatencyValidator:
                 min_rounds=cfg.min_rounds, stop=stop,
             )  # fmt: skip
             per_batch = _figures(timed, on_reference)
-            per_batch["block_calls"] = float(block)
+            per_batch["block_calls"] = float(timed[1].block_calls)
+            per_batch["baseline_block_calls"] = float(timed[0].block_calls)
             per_batch["rounds"] = float(timed[0].blocks)
             metrics.update({f"{k}_b{size}": v for k, v in per_batch.items()})
             if i == 0:  # the first batch size is the one the gate reads
@@ -295,7 +331,8 @@ class LatencyValidator:
                     "baseline": _rounded(timed[0].block_ms),
                     "candidate": _rounded(timed[1].block_ms),
                 }
-                details["block_calls"] = block
+                details["block_calls"] = [t.block_calls for t in timed]
+                details["warm_skip"] = [warm_skip(t.block_calls) if t.skip is None else t.skip for t in timed]
                 details["blocks"] = timed[0].blocks
                 details["stopped_early"] = timed[0].blocks < cfg.rounds
         first = _batch(ctx, cfg.batch_sizes[0])

@@ -91,7 +91,7 @@ def test_blocked_confidence_interval_shrinks_with_more_blocks() -> None:
     # and on real timings: more blocks of the same two runners give a narrower interval
     runners = [MatmulRunner(96), MatmulRunner(64)]
     few = measure_blocked(runners, {}, warmup=2, rounds=8, block_calls=4)
-    many = measure_blocked(runners, {}, warmup=2, rounds=120, block_calls=4)
+    many = measure_blocked(runners, {}, warmup=2, rounds=240, block_calls=4)
     few_ci = speedup_ci(few[0].block_ms, few[1].block_ms)
     many_ci = speedup_ci(many[0].block_ms, many[1].block_ms)
     assert many_ci[1] - many_ci[0] < few_ci[1] - few_ci[0]
