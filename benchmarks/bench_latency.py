@@ -64,13 +64,18 @@ def tight_loop_ms(path: Path, inputs: dict[str, np.ndarray], seconds: float) -> 
 
 
 def benchmark_app_ms(xml: Path, shape: tuple[int, ...], input_name: str, precision: str, seconds: float) -> float:
-    """OpenVINO's own tool, in its own process: the median latency it reports."""
+    """OpenVINO's own tool, in its own process: the median latency it reports.
+
+    ``-data_shape``, not ``-shape``: the IRs keep the ONNX export's dynamic batch axis, as quantgate compiles and
+    serves them; ``-shape`` would reshape the model to a static one first, which OpenVINO runs 10-20% faster here
+    (PP-OCR direction classifier FP32: 2.29 ms static, 2.66 ms dynamic, batch 6).
+    """
     tool = shutil.which("benchmark_app") or str(Path(sys.executable).parent / "benchmark_app")
     dims = ",".join(str(d) for d in shape)
     cmd = [
         tool, "-m", str(xml), "-d", "CPU", "-hint", "none", "-nthreads", str(THREADS), "-nstreams", "1",
         "-nireq", "1", "-api", "sync",
-        "-t", str(int(seconds)), "-shape", f"{input_name}[{dims}]", "-infer_precision", precision,
+        "-t", str(int(seconds)), "-data_shape", f"{input_name}[{dims}]", "-infer_precision", precision,
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     match = re.search(r"Median:\s+([\d.]+) (ms|us)", out)  # it switches to microseconds below 1 ms
