@@ -376,6 +376,9 @@ def _validate(
         if quick.far_outside:
             state.quality_failed += 1
             return result({}, gate.skip(quick.detail), {})
+    if state.budget.exhausted:
+        why = f"quality not measured: the search budget was spent ({state.budget.describe()})"
+        return result({}, gate.skip(why), {})
     state.emit("quality", label)
     target = None
     if not state.exhaustive:
