@@ -17,10 +17,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from quantgate.data import NpzDataset
 from quantgate.errors import BackendError, BackendUnavailable, QuantgateError
 from quantgate.model import ModelInfo
-from quantgate.plugins.base import Calibration, Candidate, Recipe, load_backend
+from quantgate.plugins.base import Backend, Calibration, Candidate, Recipe, load_backend
+from quantgate.sensitivity import AccuracyControl
 
 log = logging.getLogger(__name__)
 
@@ -30,33 +30,18 @@ class BuildTimeout(QuantgateError):
 
 
 @dataclass(frozen=True)
-class Tuning:
-    """What an accuracy-aware recipe validates against (the backend's ``configure_accuracy_control`` arguments)."""
-
-    validation: NpzDataset
-    metric: str
-    max_drop: float
-    time_budget_s: float
-    limit: int | None = None
-    caveat: str = ""
-
-    def with_budget(self, seconds: float) -> Tuning:
-        return Tuning(self.validation, self.metric, self.max_drop, seconds, self.limit, self.caveat)
-
-
-@dataclass(frozen=True)
 class BuildJob:
     backend: str
     model: ModelInfo
     recipe: Recipe
     calibration: Calibration
     workdir: Path
-    tuning: Tuning | None = None
+    tuning: AccuracyControl | None = None
 
 
-def build(job: BuildJob) -> Candidate:
-    """Run one recipe's compress step in this process (what the worker calls)."""
-    backend = load_backend(job.backend)
+def build(job: BuildJob, backend: Backend | None = None) -> Candidate:
+    """Run one recipe's compress step in this process: the worker's call, or the run's own ``backend`` in-process."""
+    backend = backend or load_backend(job.backend)
     configure = getattr(backend, "configure_accuracy_control", None)
     if job.tuning is not None and configure is not None:
         t = job.tuning

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from quantgate import gate, registry, search
-from quantgate.build import BuildJob, BuildTimeout, BuildWorker, Tuning
+from quantgate.build import BuildJob, BuildTimeout, BuildWorker, build
 from quantgate.cache import CandidateCache, RunKey
 from quantgate.data import NpzDataset, resolve_data_uri
 from quantgate.errors import (
@@ -42,6 +42,7 @@ from quantgate.plugins.base import (
 from quantgate.policy import Policy
 from quantgate.result import CandidateResult
 from quantgate.search import Budget, ProgressEvent, report_progress
+from quantgate.sensitivity import AccuracyControl, Metric
 from quantgate.validators.base import (
     EvalOutputs,
     LatencyTarget,
@@ -199,7 +200,7 @@ class Baseline:
     runner: Runner
     outputs: EvalOutputs
     reference: Runner | None = None
-    tuning: Tuning | None = None  # what accuracy-aware recipes tune against (None: nothing to tune against)
+    tuning: AccuracyControl | None = None  # what accuracy-aware recipes tune against (None: nothing to tune against)
 
 
 def baseline_for(
@@ -224,9 +225,10 @@ def baseline_for(
     return Baseline(backend, cand, runner, outputs, ref, tuning_for(data, policy))
 
 
-def tuning_for(data: DataSets, policy: Policy) -> Tuning | None:
+def tuning_for(data: DataSets, policy: Policy) -> AccuracyControl | None:
     """What accuracy-aware recipes get: the gate's own threshold, so they restore float layers until it passes."""
     gate_cfg = policy.gate
+    metric: Metric
     if data.evaluation.has_labels and gate_cfg.max_accuracy_drop is not None:
         metric, max_drop = "accuracy", gate_cfg.max_accuracy_drop
     elif gate_cfg.min_fidelity is not None:
@@ -235,7 +237,7 @@ def tuning_for(data: DataSets, policy: Policy) -> Tuning | None:
         return None  # nothing to control against: those recipes fail with their own reason
     validation, caveat = accuracy_control_data(data, metric)
     ac = policy.accuracy_control
-    return Tuning(validation, metric, max_drop, ac.time_budget_s, ac.samples, caveat)
+    return AccuracyControl(validation, metric, max_drop, ac.time_budget_s, ac.samples, caveat)
 
 
 def accuracy_control_data(data: DataSets, metric: str) -> tuple[NpzDataset, str]:
@@ -456,17 +458,11 @@ def _build(
     calib = Calibration(data.calibration, policy.data.calibration_batch_size, policy.data.calibration_samples)
     tuning = base.tuning
     if tuning is not None and state.budget.seconds is not None:
-        tuning = tuning.with_budget(max(min(tuning.time_budget_s, state.budget.remaining), 1.0))
+        tuning = replace(tuning, time_budget_s=max(min(tuning.time_budget_s, state.budget.remaining), 1.0))
     job = BuildJob(base.backend.name, model, recipe, calib, workdir / recipe.backend / recipe.name, tuning)
     if state.worker is not None:
         return state.worker.run(job, state.budget.remaining)
-    configure = getattr(base.backend, "configure_accuracy_control", None)
-    if tuning is not None and configure is not None:
-        configure(
-            tuning.validation, tuning.metric, tuning.max_drop, tuning.time_budget_s, limit=tuning.limit,
-            caveat=tuning.caveat,
-        )  # fmt: skip
-    return base.backend.compress(model, recipe, calib, job.workdir)
+    return build(job, base.backend)
 
 
 def skipped_result(recipe: Recipe, reason: str, hardware: Hardware, policy: Policy) -> CandidateResult:
