@@ -33,7 +33,6 @@ import numpy as np
 from quantgate.errors import BackendError
 from quantgate.plugins.base import Calibration, SettingValue
 from quantgate.plugins.openvino import (
-    AccuracyControl,
     _BudgetExhausted,
     _CalibrationBatches,
     _compile,
@@ -42,9 +41,7 @@ from quantgate.plugins.openvino import (
     _quantize_args,
 )
 from quantgate.sensitivity import (
-    AccuracyControl as Control,
-)
-from quantgate.sensitivity import (
+    AccuracyControl,
     BudgetExhausted,
     LayerSensitivity,
     Scorer,
@@ -89,8 +86,7 @@ def mixed_precision(
     precision = str(opts["inference_precision"])
     deadline = _Deadline(control.time_budget_s, hint=BUDGET_HINT)
     data = _CalibrationBatches(calib, deadline)
-    gate = Control(control.validation, control.metric, control.max_drop, control.time_budget_s, control.limit)
-    scorer = Scorer(gate, _first_output(_compile(model, "f32")), calib.batch_size)  # the gate's reference: FP32
+    scorer = Scorer(control, _first_output(_compile(model, "f32")), calib.batch_size)  # the gate's reference: FP32
     variants = _Variants(model, data, _quantize_args(opts, data, model), precision, scorer, deadline)
     computed = "" if precision == "f32" else f", computed in {_label(precision)}"
     notes = [data.describe()]

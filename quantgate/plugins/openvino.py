@@ -22,11 +22,11 @@ from typing import Any, Literal
 import numpy as np
 
 from quantgate.data import NpzDataset
-from quantgate.errors import BackendError, DataError
+from quantgate.errors import BackendError
 from quantgate.hardware import INFERENCE_PRECISIONS, ComputeNeed, compute_need, detect
 from quantgate.model import ModelInfo
 from quantgate.plugins.base import Availability, Calibration, Candidate, Recipe, Runner, SettingValue
-from quantgate.sensitivity import Deadline
+from quantgate.sensitivity import AccuracyControl, Deadline
 from quantgate.validators.fidelity import cosine_per_row
 
 log = logging.getLogger(__name__)
@@ -101,18 +101,6 @@ class OvRunner:
         return infer
 
 
-@dataclass(frozen=True)
-class AccuracyControl:
-    """What ``int8-accuracy-control`` validates against; set through ``configure_accuracy_control``."""
-
-    validation: NpzDataset
-    metric: Metric
-    max_drop: float
-    time_budget_s: float
-    limit: int | None = None
-    caveat: str = ""  # said in the candidate's notes, e.g. when it tunes on the gate's own samples
-
-
 class OpenVinoBackend:
     """IR files (.xml + .bin) compiled on OpenVINO's CPU plugin; ``int8-accuracy-control`` and ``int8-mixed`` (and
     their reduced-precision variants) need :meth:`configure_accuracy_control` on the same instance before
@@ -156,15 +144,7 @@ class OpenVinoBackend:
         1.0, so ``max_drop = 1 - min_fidelity``. ``limit`` caps the validation samples used; ``caveat`` is added to
         the candidate's notes.
         """
-        if metric not in ("accuracy", "fidelity"):
-            raise ValueError(f"metric must be 'accuracy' or 'fidelity', got {metric!r}")
-        if max_drop < 0 or time_budget_s <= 0:
-            raise ValueError(f"need max_drop >= 0 and time_budget_s > 0, got {max_drop} and {time_budget_s}")
-        if metric == "accuracy" and not validation.has_labels:
-            raise DataError(
-                f"{validation.path.name} has no 'labels' array: accuracy control by top-1 needs labels; "
-                "use metric 'fidelity' instead"
-            )
+        # AccuracyControl checks the metric, the drop, the budget and that top-1 has labels, each in one line.
         self._accuracy = AccuracyControl(validation, metric, max_drop, time_budget_s, limit, caveat)
 
     def recipes(self, model: ModelInfo) -> list[Recipe]:
