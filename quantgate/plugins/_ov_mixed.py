@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from quantgate.errors import BackendError
+from quantgate.plugins import _ov_stats
 from quantgate.plugins.base import Calibration, SettingValue
 from quantgate.plugins.openvino import (
     _BudgetExhausted,
@@ -39,6 +40,7 @@ from quantgate.plugins.openvino import (
     _Deadline,
     _label,
     _quantize_args,
+    calibration_memo,
 )
 from quantgate.sensitivity import (
     AccuracyControl,
@@ -87,7 +89,8 @@ def mixed_precision(
     deadline = _Deadline(control.time_budget_s, hint=BUDGET_HINT)
     data = _CalibrationBatches(calib, deadline)
     scorer = Scorer(control, _first_output(_compile(model, "f32")), calib.batch_size)  # the gate's reference: FP32
-    variants = _Variants(model, data, _quantize_args(opts, data, model), precision, scorer, deadline)
+    memo = calibration_memo(source, calib)
+    variants = _Variants(model, data, _quantize_args(opts, data, model), precision, scorer, deadline, memo)
     computed = "" if precision == "f32" else f", computed in {_label(precision)}"
     notes = [data.describe()]
     try:
@@ -165,8 +168,10 @@ class _Variants:
         precision: str,
         scorer: Scorer,
         deadline: _Deadline,
+        memo: _ov_stats.StatsMemo,
     ) -> None:
         self.fp32, self._data, self._args = model, data, args
+        self._memo = memo
         self.precision = precision
         self.scorer = scorer
         self.deadline = deadline
@@ -190,9 +195,15 @@ class _Variants:
         """``nncf.quantize`` as ``int8-ptq-performance`` runs it, the ops named ``ignored`` left float."""
         import nncf
 
+        # Checked here too: with the run's statistics already collected, NNCF never reads the data (whose iterator
+        # checks the deadline), and a variant still costs a quantizer placement and a bias correction.
+        self.deadline.check()
         scope = nncf.IgnoredScope(names=list(ignored), validate=False) if ignored else None
         data = self._data
-        return nncf.quantize(self.fp32, nncf.Dataset(data), subset_size=len(data), ignored_scope=scope, **self._args)
+        dataset = nncf.Dataset(data)
+        return _ov_stats.quantize(
+            self.fp32, dataset, self._memo, subset_size=len(data), ignored_scope=scope, **self._args
+        )
 
     def build_and_score(self, layers: tuple[str, ...]) -> float:
         if layers in self.scores:

@@ -4,9 +4,12 @@ on the CPU provider."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -192,6 +195,7 @@ class OnnxRuntimeBackend:
     def _static(self, src: Path, out: Path, opts: dict[str, SettingValue], calib: Calibration) -> tuple[str, ...]:
         from quantgate.plugins._ort_calibration import (
             SENTINEL_ABS,
+            CalibrationResult,
             StreamingCalibrationReader,
             calibrate,
             unbounded_neighbours,
@@ -201,13 +205,23 @@ class OnnxRuntimeBackend:
             calib.dataset, batch_size=calib.batch_size, batches_per_chunk=4, limit=calib.limit
         )
         percentile = opts.get("percentile")
-        ranges = calibrate(
-            src,
-            reader,
-            str(opts["calibration"]),
-            out.with_suffix(".calibration.json"),
-            percentile=None if percentile is None else float(percentile),
-        )
+        method = str(opts["calibration"])
+        memo = _calibration_memo(src, calib, method, percentile)
+        if memo.with_suffix(".json").is_file():  # the same ranges another recipe of this run computed
+            shutil.copyfile(memo.with_suffix(".json"), out.with_suffix(".calibration.json"))
+            unbounded = tuple(json.loads(memo.with_suffix(".unbounded.json").read_text()))
+            ranges = CalibrationResult(out.with_suffix(".calibration.json"), unbounded)
+        else:
+            ranges = calibrate(
+                src,
+                reader,
+                method,
+                out.with_suffix(".calibration.json"),
+                percentile=None if percentile is None else float(percentile),
+            )
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ranges.cache, memo.with_suffix(".json"))
+            memo.with_suffix(".unbounded.json").write_text(json.dumps(list(ranges.unbounded)))
         kept_float = unbounded_neighbours(src, ranges.unbounded)
         try:
             _quantize_static(src, out, opts, ranges.cache, kept_float)
@@ -267,6 +281,15 @@ class OnnxRuntimeBackend:
         model = onnx.load(str(src))
         converted = convert_float_to_float16(model, keep_io_types=True)
         onnx.save(converted, str(out))
+
+
+def _calibration_memo(src: Path, calib: Calibration, method: str, percentile: SettingValue) -> Path:
+    """Where the activation ranges of ``src`` on ``calib`` by ``method`` are kept for the run's other recipes: the
+    per-channel and per-tensor recipes of one calibration method quantize with the same activation ranges (they
+    differ in the weights only), and calibrating is most of a static recipe's build."""
+    ident = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in (src, calib.dataset.path)]
+    key = json.dumps([*ident, calib.batch_size, calib.limit, method, percentile])
+    return src.parent / "_calibration" / hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
 def _quantize_static(src: Path, out: Path, opts: dict[str, SettingValue], cache: Path, exclude: list[str]) -> None:

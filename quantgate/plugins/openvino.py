@@ -9,10 +9,13 @@ without them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
 import math
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ from quantgate.data import NpzDataset
 from quantgate.errors import BackendError
 from quantgate.hardware import INFERENCE_PRECISIONS, ComputeNeed, compute_need, detect
 from quantgate.model import ModelInfo
+from quantgate.plugins import _ov_stats
 from quantgate.plugins.base import Availability, Calibration, Candidate, Recipe, Runner, SettingValue
 from quantgate.sensitivity import AccuracyControl, Deadline
 from quantgate.validators.fidelity import cosine_per_row
@@ -213,10 +217,13 @@ class OpenVinoBackend:
             )
         _require_compute(recipe.name, precision)
         try:
-            source = _convert(model.path)
-            with _quiet_nncf():
-                compressed, notes = self._build(source, opts, calib, model.path, workdir.parent)
-            ov.save_model(compressed, str(xml), compress_to_fp16=opts["kind"] == "fp16")
+            notes = _reuse_ir(model.path, opts, calib, workdir.parent, xml)
+            if notes is None:
+                source = _convert(model.path)
+                with _quiet_nncf():
+                    compressed, notes = self._build(source, opts, calib, model.path, workdir.parent)
+                ov.save_model(compressed, str(xml), compress_to_fp16=opts["kind"] == "fp16")
+                _share_ir(model.path, opts, calib, workdir.parent, xml, notes)
             in_effect = OvRunner(xml, threads=1, precision=precision).inference_precision
         except (_BudgetExhausted, BackendError) as exc:
             raise BackendError(f"{recipe.name} failed: {exc}") from None
@@ -255,8 +262,9 @@ class OpenVinoBackend:
             import nncf
 
             data = _CalibrationBatches(calib)
-            quantized = nncf.quantize(
-                model, nncf.Dataset(data), subset_size=len(data), **_quantize_args(opts, data, model)
+            memo = calibration_memo(source, calib)
+            quantized = _ov_stats.quantize(
+                model, nncf.Dataset(data), memo, subset_size=len(data), **_quantize_args(opts, data, model)
             )
             return quantized, (data.describe(),)
         assert self._accuracy is not None  # compress() checked
@@ -265,6 +273,52 @@ class OpenVinoBackend:
 
             return mixed_precision(model, source, opts, calib, self._accuracy, shared)
         return _accuracy_controlled(model, opts, calib, self._accuracy)
+
+
+# Kinds whose IR does not depend on the inference precision: their -bf16/-f16 variants compile the same files.
+_PRECISION_FREE_KINDS = ("quantize", "weights")
+
+
+def _shared_ir_dir(source: Path, opts: dict[str, SettingValue], calib: Calibration, shared: Path) -> Path | None:
+    if opts["kind"] not in _PRECISION_FREE_KINDS:
+        return None
+    settings = {k: v for k, v in sorted(opts.items()) if k != "inference_precision"}
+    key = json.dumps([_ov_stats.memo_key(source, calib.dataset.path, calib.batch_size, calib.limit), settings])
+    return shared / "_shared-ir" / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _reuse_ir(
+    source: Path, opts: dict[str, SettingValue], calib: Calibration, shared: Path, xml: Path
+) -> tuple[str, ...] | None:
+    """The notes of an IR an earlier recipe of this run built with the same settings but another inference precision
+    (copied to ``xml``), or None. NNCF builds the same IR whatever the layers left in float will compute in."""
+    where = _shared_ir_dir(source, opts, calib, shared)
+    if where is None or not (where / "notes.json").is_file():
+        return None
+    for src, dst in zip(_ir_files(where / "model.xml"), _ir_files(xml), strict=True):
+        shutil.copyfile(src, dst)
+    built = json.loads((where / "notes.json").read_text())
+    return (
+        *built["notes"],
+        f"the same IR as {built['recipe']} of this run (built once; only the compute precision differs)",
+    )
+
+
+def _share_ir(
+    source: Path, opts: dict[str, SettingValue], calib: Calibration, shared: Path, xml: Path, notes: tuple[str, ...]
+) -> None:
+    where = _shared_ir_dir(source, opts, calib, shared)
+    if where is None:
+        return
+    where.mkdir(parents=True, exist_ok=True)
+    for src, dst in zip(_ir_files(xml), _ir_files(where / "model.xml"), strict=True):
+        shutil.copyfile(src, dst)
+    (where / "notes.json").write_text(json.dumps({"recipe": xml.stem, "notes": list(notes)}))
+
+
+def calibration_memo(source: Path, calib: Calibration) -> _ov_stats.StatsMemo:
+    """The activation statistics this process already collected for ``source`` on ``calib`` (see ``_ov_stats``)."""
+    return _ov_stats.memo_for(_ov_stats.memo_key(source, calib.dataset.path, calib.batch_size, calib.limit))
 
 
 _RECURRENT = {"LSTMSequence", "GRUSequence", "RNNSequence", "LSTMCell", "GRUCell", "RNNCell"}

@@ -267,3 +267,30 @@ def test_mixed_recipe_stops_at_its_time_budget(digits_onnx: Path, calib_npz: Pat
     calib = Calibration(NpzDataset.open(calib_npz), 16, 32)
     with pytest.raises(BackendError, match=r"time budget of 1e-06 s exhausted .*accuracy_control.time_budget_s"):
         backend.compress(read_model_info(digits_onnx), MIXED, calib, tmp_path)
+
+
+def test_static_recipes_of_one_calibration_method_share_its_activation_ranges(
+    digits_onnx: Path, calib_npz: Path, tmp_path: Path
+) -> None:
+    backend = OnnxRuntimeBackend()
+    info = read_model_info(digits_onnx)
+    by_name = {r.name: r for r in RECIPES}
+    calib = Calibration(NpzDataset.open(calib_npz), batch_size=16, limit=64)
+    per_tensor = backend.compress(info, by_name["int8-static-qdq-minmax"], calib, tmp_path / "a")
+    memo_dirs = list(tmp_path.rglob("_calibration"))
+    assert len(memo_dirs) == 1 and len(list(memo_dirs[0].glob("*.unbounded.json"))) == 1
+    ranges = next(p for p in memo_dirs[0].glob("*.json") if not p.name.endswith(".unbounded.json"))
+    stamp = ranges.stat().st_mtime_ns
+    per_channel = backend.compress(info, by_name["int8-static-qdq-minmax-perchannel"], calib, tmp_path / "b")
+    assert ranges.stat().st_mtime_ns == stamp and len(list(memo_dirs[0].glob("*.unbounded.json"))) == 1
+    backend.compress(info, by_name["int8-static-qdq-entropy"], calib, tmp_path / "c")
+    assert len(list(memo_dirs[0].glob("*.unbounded.json"))) == 2  # another method: its own ranges
+
+    def activation_scales(path: Path) -> dict[str, float]:
+        model = onnx.load(str(path))
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        # Q/DQ of activations have a scalar scale; per-channel weight scales are vectors.
+        return {n.input[0]: float(inits[n.input[1]]) for n in model.graph.node
+                if n.op_type == "QuantizeLinear" and inits[n.input[1]].ndim == 0}  # fmt: skip
+
+    assert activation_scales(per_tensor.artifact) == activation_scales(per_channel.artifact)

@@ -229,6 +229,24 @@ def test_int8_with_bf16_float_parts_keeps_int8_layers_and_compiles_in_bf16(
 
 
 @_needs("BF16")
+def test_the_bf16_variant_of_an_int8_recipe_reuses_the_ir_built_for_fp32_float_parts(
+    fp32: Fp32, calib_npz: Path, tmp_path: Path
+) -> None:
+    backend = OpenVinoBackend()
+    calib = Calibration(NpzDataset.open(calib_npz), 16, 64)
+    first = backend.compress(fp32.info, _recipe(backend, fp32.info, "int8-ptq-performance"), calib, tmp_path / "a")
+    second = backend.compress(
+        fp32.info, _recipe(backend, fp32.info, "int8-ptq-performance-bf16"), calib, tmp_path / "b"
+    )
+    assert any(n.startswith("the same IR as int8-ptq-performance of this run") for n in second.notes), second.notes
+    assert first.artifact.with_suffix(".bin").read_bytes() == second.artifact.with_suffix(".bin").read_bytes()
+    assert backend.runner(second, threads=1).inference_precision == "bf16"  # type: ignore[attr-defined]
+    other = Calibration(NpzDataset.open(calib_npz), 16, 32)  # other data: built anew
+    third = backend.compress(fp32.info, _recipe(backend, fp32.info, "int8-ptq-performance-bf16"), other, tmp_path / "c")
+    assert not any(n.startswith("the same IR as") for n in third.notes)
+
+
+@_needs("BF16")
 def test_accuracy_control_bf16_validates_inside_nncf_at_the_precision_that_will_run(
     fp32: Fp32, calib_npz: Path, eval_npz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
