@@ -65,7 +65,13 @@ def _fidelity(m: Mapping[str, float], limit: float) -> Check:
     return Check("fidelity", value >= limit, f"fidelity (mean cosine) {value:.5f}, at least {limit:.5f} required")
 
 
-def _speedup(m: Mapping[str, float], limit: float, statistic: str, on: str = "warm") -> Check:
+# The reference runtime's name as the gate's text says it (its metrics are ``speedup_vs_ort_fp32*``).
+REFERENCE_LABEL = "ONNX Runtime FP32"
+
+
+def _speedup(
+    m: Mapping[str, float], limit: float, statistic: str, on: str = "warm", against: str = "own_fp32"
+) -> Check:
     if on == "first_call":
         if "first_call_speedup" not in m:
             return _missing("speedup", "first_call_speedup")
@@ -75,14 +81,16 @@ def _speedup(m: Mapping[str, float], limit: float, statistic: str, on: str = "wa
             f"{m.get('first_call_ms', 0):.2f} ms after loading), at least {limit:.2f}x required"
         )
         return Check("speedup", value >= limit, text)
-    key = "speedup" if statistic == "p50" else "speedup_ci_low"
+    base = "speedup_vs_ort_fp32" if against == "reference" else "speedup"
+    key = base if statistic == "p50" else f"{base}_ci_low"
     if key not in m:
         return _missing("speedup", key)
     batch = int(m.get("gate_batch_size", 1))
-    ci = f" (95% CI {m.get('speedup_ci_low', 0):.2f}-{m.get('speedup_ci_high', 0):.2f}"
+    ci = f" (95% CI {m.get(base + '_ci_low', 0):.2f}-{m.get(base + '_ci_high', 0):.2f}"
     ci += f", warm blocks of {int(m['block_calls'])} calls)" if "block_calls" in m else ")"
     what = "speedup" if statistic == "p50" else "speedup lower bound"
-    text = f"{what} {m[key]:.2f}x at batch {batch}{ci}, at least {limit:.2f}x required"
+    over = f" over {REFERENCE_LABEL}" if against == "reference" else ""
+    text = f"{what}{over} {m[key]:.2f}x at batch {batch}{ci}, at least {limit:.2f}x required"
     return Check("speedup", m[key] >= limit, text)
 
 
@@ -104,7 +112,9 @@ def judge(metrics: Mapping[str, float], gate: GatePolicy, *, has_labels: bool, e
     if gate.min_fidelity is not None:
         checks.append(_fidelity(metrics, gate.min_fidelity))
     if gate.min_speedup is not None:
-        checks.append(_speedup(metrics, gate.min_speedup, gate.speedup_statistic, gate.speedup_on))
+        checks.append(
+            _speedup(metrics, gate.min_speedup, gate.speedup_statistic, gate.speedup_on, gate.speedup_against)
+        )
     if gate.max_size_ratio is not None:
         checks.append(_size(metrics, gate.max_size_ratio))
     return Verdict(all(c.passed for c in checks), tuple(checks))

@@ -385,7 +385,9 @@ def _validate(
     target = None
     if not state.exhaustive:
         min_speedup = policy.gate.min_speedup if policy.gate.speedup_on == "warm" else None
-        target = LatencyTarget(min_speedup, state.best_vs_reference)
+        target = LatencyTarget(
+            min_speedup, state.best_vs_reference, gate_on_reference=policy.gate.speedup_against == "reference"
+        )
     ctx = _context(base, cand, runner, data, policy, hardware, target=target)
     quality_validators = [v for v in validators if v.name != LATENCY]
     metrics, details = _measure(quality_validators, ctx)

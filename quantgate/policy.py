@@ -39,6 +39,13 @@ class GatePolicy(_Strict):
         default="ci_low",
         description="Gate on the point estimate (p50 ratio) or on the lower end of its 95% confidence interval",
     )
+    speedup_against: Literal["reference", "own_fp32"] = Field(
+        default="reference",
+        description=(
+            "What the warm speedup is measured against: the original model as MLflow serves it (ONNX Runtime FP32, "
+            "timed beside every candidate) or FP32 on the candidate's own runtime"
+        ),
+    )
     speedup_on: Literal["warm", "first_call"] = Field(
         default="warm",
         description="Gate the speedup on warm calls (a served model) or on the first call after loading (cold start)",

@@ -18,7 +18,13 @@ from quantgate.registry import SourceVersion
 from quantgate.result import HEADLINE_METRICS, CandidateResult, CompressionResult
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-GATE = {"max_accuracy_drop": 0.01, "min_fidelity": None, "min_speedup": 1.1, "max_size_ratio": 1.0}
+GATE = {
+    "max_accuracy_drop": 0.01,
+    "min_fidelity": None,
+    "min_speedup": 1.1,
+    "max_size_ratio": 1.0,
+    "speedup_against": "own_fp32",
+}
 HARDWARE = Hardware("Intel(R) Xeon(R) Platinum 8480+", "x86_64", 16, ("avx2", "fma", "avx512f", "avx512_vnni"))
 BUILD_ERROR = "nncf refused the model: <script>alert(1)</script> op is not supported"
 

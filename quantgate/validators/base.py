@@ -53,6 +53,7 @@ class LatencyTarget:
     min_speedup: float | None
     beat: float | None = None
     ref: int | None = None
+    gate_on_reference: bool = False  # ``min_speedup`` is against the reference runner, not the baseline
 
 
 @dataclass

@@ -192,9 +192,10 @@ RESOLUTION = 0.04
 def decided(times: list[BlockTimes], target: LatencyTarget) -> bool:
     """True once more blocks could not change the gate's verdict nor the ranking against ``target.beat`` (or could
     only separate candidates within ``RESOLUTION`` of each other: a tie on this host)."""
-    base, cand = times[0].block_ms, times[1].block_ms
+    cand = times[1].block_ms
     if target.min_speedup is not None:
-        low, high = speedup_ci(base, cand)
+        gated = target.ref if target.gate_on_reference and target.ref is not None and target.ref < len(times) else 0
+        low, high = speedup_ci(times[gated].block_ms, cand)
         if low <= target.min_speedup <= high:
             return False
         if high < target.min_speedup:
@@ -312,7 +313,8 @@ class LatencyValidator:
             if cfg.adaptive and i == 0 and ctx.latency_target is not None:
                 target = ctx.latency_target
                 if target.ref is None:
-                    target = LatencyTarget(target.min_speedup, target.beat, 0 if on_reference else 2)
+                    ref = 0 if on_reference else 2
+                    target = LatencyTarget(target.min_speedup, target.beat, ref, target.gate_on_reference)
                 stop = _stop_rule(target)
             timed = measure_blocked(
                 runners, inputs, warmup=cfg.warmup, rounds=cfg.rounds, block_calls=block,

@@ -143,7 +143,7 @@ def test_adaptive_measurement_stops_early_once_decided() -> None:
 def test_gate_reads_first_call_speedup_when_asked() -> None:
     m = {"speedup": 2.0, "speedup_ci_low": 1.9, "speedup_ci_high": 2.1, "block_calls": 12.0}
     m |= {"first_call_speedup": 0.8, "first_call_ms": 5.0, "baseline_first_call_ms": 4.0, "size_ratio": 0.5}
-    warm = judge(m, GatePolicy(max_accuracy_drop=None, min_speedup=1.5), has_labels=False)
+    warm = judge(m, GatePolicy(max_accuracy_drop=None, min_speedup=1.5, speedup_against="own_fp32"), has_labels=False)
     assert warm.passed
     assert "warm blocks of 12 calls" in warm.checks[0].detail
     cold = judge(m, GatePolicy(max_accuracy_drop=None, min_speedup=1.5, speedup_on="first_call"), has_labels=False)
