@@ -36,6 +36,7 @@ from quantgate.plugins.base import (
     Candidate,
     Recipe,
     Runner,
+    SpecializesShapes,
     load_backend,
     select_recipes,
 )
@@ -57,6 +58,7 @@ from quantgate.validators.latency import (
     choose_blocks,
     latency_batch,
     measure_blocked,
+    probe_speed,
     speedup_ci,
 )
 
@@ -279,6 +281,7 @@ class SearchState:
     timed: list[tuple[Recipe, float]] = field(default_factory=list)  # (recipe, CI high vs the reference) so far
     quality_failed: int = 0
     quality_passed: int = 0
+    probed: set[tuple[str, str, str]] = field(default_factory=set)  # families timed after a quality failure
     worker: BuildWorker | None = None
     cache: CandidateCache | None = None
     run_key: RunKey | None = None
@@ -306,8 +309,11 @@ def evaluate(
     workdir: Path,
     validators: list[Validator] | None = None,
     state: SearchState | None = None,
+    prebuilt: Candidate | None = None,
 ) -> CandidateRun:
     """Compress with one recipe, then measure it in stages against the baseline, and judge it.
+
+    ``prebuilt``: the candidate already exists (a shape-specialized variant of a measured one): nothing is built.
 
     Stages: build; quick quality on a few samples; full quality; latency (only after quality passed), each of which
     may end the candidate as failed or skipped with the reason. Never raises BackendError.
@@ -332,7 +338,7 @@ def evaluate(
         return CandidateRun(skipped_result(recipe, hopeless, hardware, policy))
     state.emit("build", label)
     try:
-        cand = _build(base, recipe, model, data, policy, workdir, state)
+        cand = prebuilt if prebuilt is not None else _build(base, recipe, model, data, policy, workdir, state)
         runner = base.backend.runner(cand, threads=policy.latency.threads)
     except BuildTimeout as exc:
         return CandidateRun(skipped_result(recipe, str(exc), hardware, policy), time.perf_counter() - t0)
@@ -377,7 +383,8 @@ def _validate(
         )
         if quick.far_outside:
             state.quality_failed += 1
-            return result({}, gate.skip(quick.detail), {})
+            probed, note = _probe(base, runner, data, policy, state, recipe)
+            return result(probed, gate.skip(quick.detail), {}, *note)
     if state.budget.exhausted:
         why = f"quality not measured: the search budget was spent ({state.budget.describe()})"
         return result({}, gate.skip(why), {})
@@ -386,7 +393,10 @@ def _validate(
     if not state.exhaustive:
         min_speedup = policy.gate.min_speedup if policy.gate.speedup_on == "warm" else None
         target = LatencyTarget(
-            min_speedup, state.best_vs_reference, gate_on_reference=policy.gate.speedup_against == "reference"
+            min_speedup,
+            state.best_vs_reference,
+            gate_on_reference=policy.gate.speedup_against == "reference",
+            deadline=state.budget.deadline,
         )
     ctx = _context(base, cand, runner, data, policy, hardware, target=target)
     quality_validators = [v for v in validators if v.name != LATENCY]
@@ -394,7 +404,10 @@ def _validate(
     quality = gate.judge(metrics, gate.quality_only(policy.gate), has_labels=has_labels)
     if not quality.passed:
         state.quality_failed += 1
-        return result(metrics, quality, details, "latency not measured: the candidate failed on quality")
+        probed, note = _probe(base, runner, data, policy, state, recipe)
+        if not note:
+            note = ("latency not measured: the candidate failed on quality",)
+        return result(metrics | probed, quality, details, *note)
     state.quality_passed += 1
     if state.budget.exhausted:
         why = f"latency not measured: the search budget was spent ({state.budget.describe()})"
@@ -408,8 +421,43 @@ def _validate(
     return result(metrics, verdict, details)
 
 
+def _probe(
+    base: Baseline, runner: Runner, data: DataSets, policy: Policy, state: SearchState, recipe: Recipe
+) -> tuple[dict[str, float], tuple[str, ...]]:
+    """A short timing of a candidate that failed on quality, once per family: what its family runs at here.
+
+    Never gated on. It is what tells the search whether calibrating otherwise or restoring float layers in this
+    family could still beat the best candidate so far (``search.cannot_beat``), and it costs a few seconds where
+    one more build of a hopeless family would cost tens.
+    """
+    fam = search.family(recipe)
+    if state.exhaustive or fam in state.probed or state.budget.exhausted:
+        return {}, ()
+    reference = base.reference if base.reference is not None else base.runner
+    if base.reference is None and base.backend.name != REFERENCE_BACKEND:
+        return {}, ()
+    state.probed.add(fam)
+    inputs = latency_batch(data.evaluation, policy.latency.batch_sizes[0])
+    probe = probe_speed(reference, runner, inputs, policy.latency)
+    state.timed.append((recipe, probe.ci_high))
+    metrics = {
+        "probe_speedup_vs_ort_fp32": probe.speedup,
+        "probe_speedup_vs_ort_fp32_ci_low": probe.ci_low,
+        "probe_speedup_vs_ort_fp32_ci_high": probe.ci_high,
+    }
+    note = (
+        f"failed on quality, then timed briefly ({probe.blocks} blocks, never gated on) to learn what its family "
+        f"({', '.join(fam)}) runs at here: {probe.speedup:.2f}x ONNX Runtime FP32 (95% CI {probe.ci_low:.2f}-"
+        f"{probe.ci_high:.2f})"
+    )
+    return metrics, (note,)
+
+
 def _record_timing(state: SearchState, recipe: Recipe, metrics: dict[str, float], verdict: Verdict) -> None:
     """What later candidates are compared with: the best passing speed, and every timed family's speed."""
+    if "probe_speedup_vs_ort_fp32_ci_high" in metrics:  # a cached candidate that failed quality and was probed
+        state.timed.append((recipe, metrics["probe_speedup_vs_ort_fp32_ci_high"]))
+        state.probed.add(search.family(recipe))
     if "speedup_vs_ort_fp32" not in metrics:
         return
     if verdict.passed:
@@ -599,10 +647,44 @@ def unavailable_result(planned: PlannedRecipe, hardware: Hardware, has_labels: b
     return failed_result(recipe, planned.unavailable, hardware, has_labels, policy)
 
 
+# How many of the fastest timed candidates get a shape-specialized variant, and how far behind the best they may be
+# (static shapes gained up to 28% on the real models measured here).
+SPECIALIZE_TOP = 2
+SPECIALIZE_REACH = 1.3
+
+
+def shape_variants(results: list[CandidateResult], bases: dict[str, Baseline]) -> list[tuple[Baseline, Candidate]]:
+    """Shape-specialized variants of the fastest timed candidates whose backend offers them (``SpecializesShapes``).
+
+    Timed means quality passed; a candidate the speed gate refused may pass compiled for its shapes.
+    """
+    key = "speedup_vs_ort_fp32"
+    timed = [r for r in results if key in r.metrics and r.artifact is not None and r.backend in bases]
+    best = max((r.metrics[key] for r in timed if r.passed), default=0.0)
+    out: list[tuple[Baseline, Candidate]] = []
+    for r in sorted(timed, key=lambda r: r.metrics[key], reverse=True):
+        base = bases[r.backend]
+        if len(out) == SPECIALIZE_TOP or not isinstance(base.backend, SpecializesShapes):
+            continue
+        if r.metrics.get(key + "_ci_high", r.metrics[key]) * SPECIALIZE_REACH < best:
+            continue
+        assert r.artifact is not None
+        variant = base.backend.specialize(Candidate(r.recipe, r.artifact, tuple(r.notes)))
+        if variant is not None:
+            out.append((base, variant))
+    return out
+
+
 PLAYOFF_SIZE = 4
 
 
-def playoff(results: list[CandidateResult], bases: dict[str, Baseline], data: DataSets, policy: Policy) -> None:
+def playoff(
+    results: list[CandidateResult],
+    bases: dict[str, Baseline],
+    data: DataSets,
+    policy: Policy,
+    budget: Budget | None = None,
+) -> None:
     """Re-time the passing candidates that could be the fastest side by side, and rank them on those figures.
 
     Each candidate was timed against ONNX Runtime FP32 in its own measurement, minutes apart on a shared host; the
@@ -619,6 +701,10 @@ def playoff(results: list[CandidateResult], bases: dict[str, Baseline], data: Da
     finalists = [r for r in passing if r.metrics.get(key + "_ci_high", r.metrics[key]) >= floor][:PLAYOFF_SIZE]
     if len(finalists) < 2:
         return
+    if budget is not None and budget.exhausted:
+        for r in finalists:
+            r.notes.append(f"no final side-by-side ranking: the search budget was spent ({budget.describe()})")
+        return
     cfg = policy.latency
     try:
         runners = [reference.runner] + [
@@ -630,7 +716,12 @@ def playoff(results: list[CandidateResult], bases: dict[str, Baseline], data: Da
         return
     inputs = latency_batch(data.evaluation, cfg.batch_sizes[0])
     block: int | list[Block] = cfg.block_calls or choose_blocks(runners, inputs, cfg.min_block_ms, cfg.switch_ms)
-    timed = measure_blocked(runners, inputs, warmup=cfg.warmup, rounds=max(cfg.min_rounds, 30), block_calls=block)
+    deadline = budget.deadline if budget is not None else None
+    past = None if deadline is None else (lambda _: time.monotonic() >= deadline)
+    rounds = max(cfg.min_rounds, 30)
+    timed = measure_blocked(
+        runners, inputs, warmup=cfg.warmup, rounds=rounds, block_calls=block, min_rounds=10, stop=past
+    )
     ref = timed[0].block_ms
     names = ", ".join(f"{r.backend}/{r.recipe.name}" for r in finalists)
     for result, t in zip(finalists, timed[1:], strict=True):

@@ -107,6 +107,13 @@ class SearchPolicy(_Strict):
         default=64, ge=8, le=1_000_000, description="Evaluation samples of the quick quality check"
     )
     cache: bool = Field(default=True, description="Reuse measurements of the same model, recipe, data and host")
+    specialize_shapes: bool = Field(
+        default=True,
+        description=(
+            "Also measure the fastest candidates compiled for the input shapes they are called with, where the "
+            "backend can (OpenVINO: static shapes, one compile per new shape)"
+        ),
+    )
 
 
 RecipeSetting = str | int | float | bool | None

@@ -49,6 +49,11 @@ class Budget:
         return float("inf") if self.seconds is None else max(self.seconds - self.used, 0.0)
 
     @property
+    def deadline(self) -> float | None:
+        """The clock reading at which the budget runs out (``time.monotonic`` unless another clock was given)."""
+        return None if self.seconds is None else self.started + self.seconds
+
+    @property
     def exhausted(self) -> bool:
         return self.remaining <= 0.0
 
@@ -74,6 +79,10 @@ def prior(recipe: Recipe, *, transformer: bool) -> float:
     # BF16 compute is native wherever a backend offers it on a CPU (AVX512_BF16, AMX); FP16 compute on x86 CPUs
     # mostly is not (measured: OpenVINO f16 on AVX512-FP16 without AMX-FP16 ran 1.0x its FP32), so only BF16 scores.
     reduced_float = str(o.get("inference_precision", "f32")) == "bf16"
+    if kind == "float" and reduced_float:
+        # Reduced-precision float compute costs no build and rarely loses quality: a floor every later candidate
+        # is measured against (and pruned by), found in seconds, before any INT8 build.
+        return 4.0
     if kind in RESTORING_KINDS:
         base = 2.0
     elif kind in ("static", "quantize"):

@@ -1,8 +1,10 @@
 """The staged, budgeted search: what it skips and why, its order, its budget, its cache, its progress events."""
 
 import logging
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from quantgate import pipeline
@@ -52,19 +54,30 @@ def test_a_candidate_far_outside_the_gate_stops_at_the_quick_check_and_says_why(
     assert run.result.to_dict()["status"] == "skipped"
 
 
-def test_a_candidate_failing_full_quality_is_never_timed(
+def test_a_candidate_failing_full_quality_is_probed_once_per_family_never_gated_on_speed(
     setup, calib_npz: Path, eval_npz: Path, tmp_path: Path
 ) -> None:
     model, data, base, recipe = setup
     policy = _policy(calib_npz, eval_npz, gate={"max_size_ratio": 0.01}, search={"quick_samples": 8})
-    policy = policy.model_copy(update={"gate": policy.gate.model_copy(update={"max_size_ratio": 0.01})})
-    run = pipeline.evaluate(
-        base, recipe, model, data, policy, detect(), tmp_path, state=pipeline.SearchState.for_policy(policy, 1)
-    )
+    state = pipeline.SearchState.for_policy(policy, 2)
+    run = pipeline.evaluate(base, recipe, model, data, policy, detect(), tmp_path, state=state)
     assert run.result.status == "failed"
-    assert any("size ratio" in r for r in run.result.verdict.reasons)
+    assert [c.name for c in run.result.verdict.checks if not c.passed] == ["size"]  # no speed check at all
     assert "latency_p50_ms" not in run.result.metrics
-    assert "latency not measured: the candidate failed on quality" in run.result.notes
+    m = run.result.metrics
+    assert (
+        m["probe_speedup_vs_ort_fp32_ci_low"]
+        <= m["probe_speedup_vs_ort_fp32"]
+        <= m["probe_speedup_vs_ort_fp32_ci_high"]
+    )
+    (note,) = [n for n in run.result.notes if n.startswith("failed on quality, then timed briefly")]
+    assert "(onnxruntime, int8, f32) runs at here" in note
+    assert state.timed == [(recipe, m["probe_speedup_vs_ort_fp32_ci_high"])]
+    # A sibling of the same family that fails too is not timed again: its family's speed is known.
+    sibling = next(r for r in base.backend.recipes(model) if r.name == "int8-static-qdq-minmax")
+    again = pipeline.evaluate(base, sibling, model, data, policy, detect(), tmp_path / "s", state=state)
+    assert "probe_speedup_vs_ort_fp32" not in again.result.metrics
+    assert "latency not measured: the candidate failed on quality" in again.result.notes
 
 
 def test_a_spent_budget_skips_what_is_left_and_says_so(setup, calib_npz: Path, eval_npz: Path, tmp_path: Path) -> None:
@@ -131,7 +144,11 @@ def test_search_order_tries_likely_winners_first_and_restoring_searches_after_in
         make("static", kind="static", calibration="minmax", per_channel=True),
         make("static-bf16", kind="quantize", inference_precision="bf16"),
     ]
-    pending = [Planned(i, r, prior(r, transformer=False)) for i, r in enumerate(recipes)]
+    floor = make("bf16", kind="float", inference_precision="bf16")
+    pending = [Planned(i, r, prior(r, transformer=False)) for i, r in enumerate([*recipes, floor])]
+    # BF16 compute of the float model first: no build, rarely a quality loss, a floor to prune against.
+    assert pending[next_index(pending, quality_failed=0, quality_passed=0)].recipe.name == "bf16"
+    pending = pending[:-1]
     first = pending[next_index(pending, quality_failed=0, quality_passed=0)]
     assert first.recipe.name == "static-bf16"
     left = [p for p in pending if p.recipe.name not in ("static-bf16", "static")]
@@ -191,3 +208,44 @@ def test_close_finalists_are_re_timed_side_by_side_before_the_winner_is_chosen(
         assert r.metrics["playoff_blocks"] >= 30
         assert any(n.startswith("final ranking: re-timed side by side with ONNX Runtime FP32") for n in r.notes)
         assert r.metrics["speedup_vs_ort_fp32_ci_low"] <= r.metrics["speedup_vs_ort_fp32"]
+
+
+def test_latency_timing_stops_at_the_search_deadline() -> None:
+    from quantgate.validators.base import LatencyTarget
+    from quantgate.validators.latency import BlockTimes, decided
+
+    rng = np.random.default_rng(0)  # a candidate whose interval straddles the 1.1x threshold
+    times = [BlockTimes(1.0 + 0.2 * rng.random((30, 4))), BlockTimes(1.0 / 1.1 + 0.2 * rng.random((30, 4)))]
+    undecided = LatencyTarget(1.1, None, 0)
+    assert not decided(times, undecided)
+    assert decided(times, LatencyTarget(1.1, None, 0, deadline=time.monotonic() - 1.0))
+
+
+def test_the_budget_has_a_deadline_on_its_clock() -> None:
+    now = [100.0]
+    budget = Budget(30.0, clock=lambda: now[0])
+    assert budget.deadline == 130.0 and Budget(None).deadline is None
+
+
+def test_the_fastest_openvino_candidates_get_a_static_shape_variant_measured_like_any_candidate(
+    setup, calib_npz: Path, eval_npz: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("openvino")
+    from quantgate.plugins.openvino import OpenVinoBackend
+
+    model, data, ort_base, _ = setup
+    policy = _policy(calib_npz, eval_npz, gate={"min_speedup": 0.5}, search={"exhaustive": True})
+    ov = OpenVinoBackend()
+    cand = ov.baseline(model, tmp_path / "ov")
+    runner = ov.runner(cand, threads=1)
+    base = pipeline.Baseline(ov, cand, runner, collect_outputs(runner, data.evaluation, None), ort_base.runner)
+    recipe = next(r for r in ov.recipes(model) if r.name == "int8-ptq-performance")
+    first = pipeline.evaluate(base, recipe, model, data, policy, detect(), tmp_path).result
+    assert first.passed, first.verdict.reasons
+    ((vbase, variant),) = pipeline.shape_variants([first], {"openvino": base})
+    assert vbase is base and variant.recipe.name == "int8-ptq-performance-static" and variant.artifact == first.artifact
+    run = pipeline.evaluate(base, variant.recipe, model, data, policy, detect(), tmp_path, prebuilt=variant)
+    assert run.result.passed, run.result.verdict.reasons
+    assert run.result.metrics["fidelity"] > 0.999 and "speedup_vs_ort_fp32" in run.result.metrics
+    assert pipeline.shape_variants([run.result], {"openvino": base}) == []  # a variant is not specialized again
+    assert pipeline.shape_variants([first], {"onnxruntime": ort_base}) == []  # a backend that cannot

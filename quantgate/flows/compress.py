@@ -20,6 +20,7 @@ from quantgate.flows import dispatch
 from quantgate.hardware import Hardware, detect
 from quantgate.model import ModelInfo
 from quantgate.pipeline import Baseline, DataSets, Intake, PlannedRecipe
+from quantgate.plugins.base import Candidate
 from quantgate.policy import Policy, parse_policy
 from quantgate.result import CandidateResult, CompressionResult
 from quantgate.validators.base import Validator, load_validators
@@ -92,12 +93,14 @@ def candidate_task(
     workdir: Path,
     validators: list[Validator],
     state: pipeline.SearchState | None = None,
+    prebuilt: Candidate | None = None,
 ) -> pipeline.CandidateRun:
-    """``base``: the backend's FP32 baseline, or ONNX Runtime's for a recipe this host can only prepare."""
+    """``base``: the backend's FP32 baseline, or ONNX Runtime's for a recipe this host can only prepare;
+    ``prebuilt``: a variant of a measured candidate (nothing to build)."""
     if planned.prepare_only:
         return pipeline.evaluate_prepared(planned, base, model, data, policy, hardware, workdir, validators)
     assert planned.recipe is not None
-    return pipeline.evaluate(base, planned.recipe, model, data, policy, hardware, workdir, validators, state)
+    return pipeline.evaluate(base, planned.recipe, model, data, policy, hardware, workdir, validators, state, prebuilt)
 
 
 # The same task under its own name, so the Prefect UI says which recipes only ran their host-independent step.
@@ -221,9 +224,20 @@ def run_candidates(
             results[pick.index] = run.result
             if progress is not None:
                 progress.update(state)
-    state.emit("playoff", "")
     ready = {name: b for name, b in baselines.items() if isinstance(b, Baseline)}
-    pipeline.playoff(list(results.values()), ready, data, policy)
+    if policy.search.specialize_shapes:
+        variants = pipeline.shape_variants(list(results.values()), ready)
+        state.total += len(variants)
+        for base, variant in variants:
+            state.index += 1
+            item = PlannedRecipe(variant.recipe.backend, variant.recipe)
+            run = candidate_task(item, base, taken.model, data, policy, hardware, workdir, validators, state, variant)
+            validate_s += run.validate_s
+            results[len(planned) + state.index] = run.result
+            if progress is not None:
+                progress.update(state)
+    state.emit("playoff", "")
+    pipeline.playoff(list(results.values()), ready, data, policy, state.budget)
     state.emit("done", "")
     if progress is not None:
         progress.finish(state)

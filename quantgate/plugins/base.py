@@ -90,6 +90,17 @@ class BareCall(Protocol):
     def bare(self, inputs: Mapping[str, np.ndarray]) -> Callable[[], object]: ...
 
 
+@runtime_checkable
+class SpecializesShapes(Protocol):
+    """Optional on a backend: a candidate's artifact compiled for the input shapes it is called with.
+
+    The search measures the variant next to the best candidates (nothing is rebuilt: same artifact, another way of
+    compiling it) and registers it like any candidate, so it is served the way it was timed.
+    """
+
+    def specialize(self, candidate: Candidate) -> Candidate | None: ...
+
+
 @dataclass(frozen=True)
 class Availability:
     ok: bool

@@ -66,6 +66,8 @@ def openvino_model_config(recipe: Recipe) -> dict[str, Any]:
     measured with, and (for BF16/FP16) what the host must offer, spelled out because quantgate is not there."""
     precision = str(recipe.options.get("inference_precision") or "f32")  # f32: recorded before it was a setting
     config: dict[str, Any] = {"inference_precision": precision}
+    if recipe.options.get("static_shapes"):
+        config["static_shapes"] = True
     need = compute_need(precision)
     if need is not None:
         config.update(

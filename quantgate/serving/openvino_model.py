@@ -5,6 +5,9 @@ mlflow, numpy and openvino: quantgate need not be installed where the model is s
 Inputs and outputs match the ``onnx`` flavor's pyfunc: a dict of arrays by input name (or one array for a
 single-input model, or a DataFrame) in, a dict of arrays by output name out.
 
+A model measured with static shapes (``model_config``'s ``static_shapes``) is reshaped to each request's input
+shapes and compiled once per shape, as the candidate was timed.
+
 The model compiles with the inference precision the candidate was measured with (``model_config``'s
 ``inference_precision``: f32, bf16 or f16), never OpenVINO's host-dependent default. A BF16/FP16 model is refused
 at load, in one line, on a host whose OpenVINO CPU plugin does not offer that compute: OpenVINO itself would run it
@@ -13,6 +16,7 @@ in another precision without a word, which is not what passed the gate.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc.model import PythonModel
 
 _CAPABILITY = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}
+_SHAPES_KEPT = 4  # compiled models a static-shape model keeps, one per input shape
 
 
 def cpu_capabilities() -> tuple[frozenset[str], frozenset[str]]:
@@ -93,6 +98,13 @@ class OpenVinoIRModel(PythonModel):  # type: ignore[misc]
             )
         self.inference_precision = in_effect
         self._compiled = compiled
+        self._compile_config = compile_config
+        # Static shapes (measured that way): the IR reshaped to each request's input shapes and compiled once per
+        # shape, the last few kept; a new shape pays one compile on its first request.
+        self._static = bool(config.get("static_shapes"))
+        self._model = ov.Core().read_model(context.artifacts["model_xml"]) if self._static else None
+        self._by_shape: dict[tuple[tuple[int, ...], ...], Any] = {}
+        self._lock = threading.Lock()
         self._inputs = [port.get_any_name() for port in compiled.inputs]
         self._input_types = [port.get_element_type().to_dtype() for port in compiled.inputs]
         self._outputs = [port.get_any_name() for port in compiled.outputs]
@@ -101,8 +113,9 @@ class OpenVinoIRModel(PythonModel):  # type: ignore[misc]
     # of arrays arrives here too, already checked against the logged signature.
     def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> Any:
         feeds = self._feeds(model_input)
+        compiled = self._for_shapes(feeds) if self._static else self._compiled
         # A new infer request per call: the pyfunc may be called from several server threads at once.
-        result = self._compiled.create_infer_request().infer(feeds)
+        result = compiled.create_infer_request().infer(feeds)
         arrays = [np.asarray(v) for v in result.to_tuple()]
         outputs = dict(zip(self._outputs, arrays, strict=True))
         try:
@@ -112,6 +125,22 @@ class OpenVinoIRModel(PythonModel):  # type: ignore[misc]
         if isinstance(model_input, pd.DataFrame):
             return pd.DataFrame({name: list(value) for name, value in outputs.items()})
         return outputs
+
+    def _for_shapes(self, feeds: dict[str, np.ndarray]) -> Any:
+        import openvino as ov
+
+        shape = tuple(tuple(int(d) for d in feeds[name].shape) for name in self._inputs)
+        with self._lock:
+            compiled = self._by_shape.get(shape)
+            if compiled is None:
+                assert self._model is not None  # read at load when static_shapes is set
+                model = self._model.clone()
+                model.reshape({n: ov.PartialShape(list(d)) for n, d in zip(self._inputs, shape, strict=True)})
+                compiled = ov.Core().compile_model(model, "CPU", self._compile_config)
+                if len(self._by_shape) >= _SHAPES_KEPT:
+                    self._by_shape.pop(next(iter(self._by_shape)))
+                self._by_shape[shape] = compiled
+            return compiled
 
     def _feeds(self, model_input: Any) -> dict[str, np.ndarray]:
         if isinstance(model_input, dict):

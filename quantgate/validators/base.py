@@ -54,6 +54,7 @@ class LatencyTarget:
     beat: float | None = None
     ref: int | None = None
     gate_on_reference: bool = False  # ``min_speedup`` is against the reference runner, not the baseline
+    deadline: float | None = None  # ``time.monotonic()`` past which measuring stops (the search's budget)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -191,7 +191,10 @@ RESOLUTION = 0.04
 
 def decided(times: list[BlockTimes], target: LatencyTarget) -> bool:
     """True once more blocks could not change the gate's verdict nor the ranking against ``target.beat`` (or could
-    only separate candidates within ``RESOLUTION`` of each other: a tie on this host)."""
+    only separate candidates within ``RESOLUTION`` of each other: a tie on this host), or once the search's
+    deadline has passed (the figures then have the blocks timed so far, and a wider interval)."""
+    if target.deadline is not None and time.monotonic() >= target.deadline:
+        return True
     cand = times[1].block_ms
     if target.min_speedup is not None:
         gated = target.ref if target.gate_on_reference and target.ref is not None and target.ref < len(times) else 0
@@ -206,6 +209,36 @@ def decided(times: list[BlockTimes], target: LatencyTarget) -> bool:
         if low <= target.beat <= high:
             return (high - low) < RESOLUTION * float(np.median(ref) / np.median(cand))
     return True
+
+
+# -- a short measurement of what a failed candidate's kind of arithmetic runs at ------------------------------------
+
+PROBE_BLOCKS = 12
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A candidate's speed over the reference runner, from a few blocks: what its family can reach on this host."""
+
+    speedup: float
+    ci_low: float
+    ci_high: float
+    blocks: int
+
+
+def probe_speed(reference: Runner, candidate: Runner, inputs: Mapping[str, np.ndarray], cfg: LatencyPolicy) -> Probe:
+    """``PROBE_BLOCKS`` warm blocks of ``candidate`` and ``reference``, rotating, as the validator times them.
+
+    The search times a candidate that failed on quality this way (never gated on it): recipes of the same backend,
+    arithmetic and float precision run at about the same speed whatever their calibration, so this says whether
+    restoring float layers or calibrating otherwise could still beat the best candidate so far.
+    """
+    runners = [reference, candidate]
+    block: int | list[Block] = cfg.block_calls or choose_blocks(runners, inputs, cfg.min_block_ms, cfg.switch_ms)
+    timed = measure_blocked(runners, inputs, warmup=min(cfg.warmup, 5), rounds=PROBE_BLOCKS, block_calls=block)
+    ref, cand = timed[0].block_ms, timed[1].block_ms
+    low, high = speedup_ci(ref, cand)
+    return Probe(float(np.median(ref) / np.median(cand)), low, high, timed[0].blocks)
 
 
 # -- cold start and runner overhead ------------------------------------------------------------------------------
@@ -314,7 +347,7 @@ class LatencyValidator:
                 target = ctx.latency_target
                 if target.ref is None:
                     ref = 0 if on_reference else 2
-                    target = LatencyTarget(target.min_speedup, target.beat, ref, target.gate_on_reference)
+                    target = replace(target, ref=ref)
                 stop = _stop_rule(target)
             timed = measure_blocked(
                 runners, inputs, warmup=cfg.warmup, rounds=cfg.rounds, block_calls=block,

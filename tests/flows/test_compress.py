@@ -138,14 +138,18 @@ def test_one_run_evaluates_every_backend_and_promotes_the_fastest_on_a_common_sc
     doc = compress_model(digits_uri, policy, tracking_uri)
 
     cands = {(c["backend"], c["recipe"]): c for c in doc["candidates"]}
-    assert set(cands) == {
+    assert {k for k in cands if not k[1].endswith("-static")} == {
         ("onnxruntime", "int8-static-qdq-minmax-perchannel"),
         ("openvino", "int8-ptq-performance"),
         ("openvino", "int8-accuracy-control"),
         ("tensorrt", "int8-qdq"),
     }
+    # The fastest OpenVINO candidates are also measured compiled for their input shapes (nothing rebuilt).
+    static = [k for k in cands if k[1].endswith("-static")]
+    assert static and all(b == "openvino" and (b, r.removesuffix("-static")) in cands for b, r in static)
     ort = cands["onnxruntime", "int8-static-qdq-minmax-perchannel"]
-    assert ort["all_metrics"]["speedup_vs_ort_fp32"] == ort["all_metrics"]["speedup"]
+    if "playoff_blocks" not in ort["all_metrics"]:  # the final ranking re-times finalists against the reference
+        assert ort["all_metrics"]["speedup_vs_ort_fp32"] == ort["all_metrics"]["speedup"]
     for recipe in ("int8-ptq-performance", "int8-accuracy-control"):
         ov = cands["openvino", recipe]["all_metrics"]
         # Timed side by side against both its own FP32 (OpenVINO) and ONNX Runtime FP32.

@@ -418,3 +418,20 @@ def test_int8_bf16_runs_the_layers_left_in_float_in_bf16_on_a_transformer(bert: 
         outputs.append(runner.run(x))
     for ours, theirs in zip(*outputs, strict=True):  # the same INT8 model, its float parts rounded to BF16
         assert float(np.mean(cosine_per_row(ours.reshape(16, -1), theirs.reshape(16, -1)))) > 0.99
+
+
+def test_a_static_shape_runner_compiles_once_per_input_shape_and_matches_the_dynamic_one(
+    fp32: Fp32, eval_data: Any
+) -> None:
+    backend = OpenVinoBackend()
+    variant = backend.specialize(fp32.candidate)
+    assert variant is not None and variant.files == fp32.candidate.files
+    assert any(n.startswith("static shapes: the IR is reshaped") for n in variant.notes)
+    assert variant.recipe.digest != fp32.candidate.recipe.digest
+    static, dynamic = backend.runner(variant, threads=1), backend.runner(fp32.candidate, threads=1)
+    assert isinstance(static, OvRunner) and static.static_shapes
+    for n in (4, 1, 4):
+        x = {"input": np.ascontiguousarray(eval_data["input"][:n])}
+        np.testing.assert_allclose(static.run(x)[0], dynamic.run(x)[0], rtol=1e-4, atol=1e-5)
+        assert static.compiled.inputs[0].get_partial_shape()[0].get_length() == n
+    assert len(static._shapes) == 2

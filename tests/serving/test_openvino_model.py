@@ -140,3 +140,23 @@ def test_mlflow_refuses_to_load_an_fp16_model_where_openvino_offers_no_fp16(
     assert message.startswith(f"this model was measured with FP16 compute and {needs}"), message
     has_flag = "avx512_fp16" in detect().isa_flags
     assert message.endswith("does not offer FP16 here" if has_flag else "this CPU has none of them"), message
+
+
+def test_a_registered_static_shape_version_compiles_per_request_shape_and_answers_like_the_dynamic_one(
+    ir: tuple[ModelInfo, Candidate], eval_data: dict[str, np.ndarray], tracking_uri: str
+) -> None:
+    info, fp32 = ir
+    backend = OpenVinoBackend()
+    static = backend.specialize(fp32)
+    assert static is not None and static.recipe.name == "fp32-ir-static" and static.recipe.options["static_shapes"]
+    assert backend.specialize(static) is None  # already compiled for its shapes
+    assert openvino_model_config(static.recipe) == {"inference_precision": "f32", "static_shapes": True}
+    client = MlflowClient(tracking_uri)
+    loaded = mlflow.pyfunc.load_model(_log_and_register(client, static, info, "digits-openvino-static"))
+    reference = backend.runner(fp32, threads=1)
+    for n in (1, 8, 3, 8):  # three shapes, one of them twice
+        x = eval_data["input"][:n]
+        out = loaded.predict({"input": x})
+        np.testing.assert_allclose(next(iter(out.values())), reference.run({"input": x})[0], rtol=1e-4, atol=1e-5)
+    shapes = loaded.unwrap_python_model()._by_shape  # one compiled model per input shape seen
+    assert sorted(shape[0][0] for shape in shapes) == [1, 3, 8]
