@@ -2,7 +2,7 @@
 
 The CLI maps these to exit codes (see README, "Exit codes"):
 ``InputError`` and its subclasses -> 2; ``GateFailed`` -> 1; any other
-``QuantgateError`` -> 3.
+``QuantgateError`` -> 3 (``InfrastructureError`` among them: never a gate verdict).
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ class TrackingUnavailable(InputError):
     """The MLflow tracking server cannot be reached."""
 
 
+class UnsafeModel(InputError):
+    """The model's format runs code when it is loaded (pickle), and this run does not allow that."""
+
+
 class BackendUnavailable(QuantgateError):
     """A backend's library is not installed, or its hardware is missing on this host."""
 
@@ -66,6 +70,12 @@ class NeedsTargetHardware(BackendUnavailable):
 
 class BackendError(QuantgateError):
     """A backend failed to produce a candidate for one recipe."""
+
+
+class InfrastructureError(QuantgateError):
+    """Something the run depends on failed, not the model or the recipe: a backend process crashed, the disk or
+    memory ran out, MLflow answered 5xx. The run ends ``failed`` with the reason (exit 3) and the nightly pass
+    retries it; only a measured gate failure is ``none_passed``."""
 
 
 class RegistrationError(QuantgateError):

@@ -16,6 +16,7 @@ from quantgate.errors import RegistrationError
 from quantgate.hardware import Hardware, backend_versions
 from quantgate.model import ModelInfo
 from quantgate.policy import Policy
+from quantgate.redact import redact, redact_data
 from quantgate.registry import TAG
 from quantgate.result import CandidateResult, CompressionResult
 
@@ -35,7 +36,7 @@ def _log_json(client: Any, run_id: str, name: str, payload: object) -> None:
     folder, _, base = name.rpartition("/")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / base
-        path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+        path.write_text(json.dumps(redact_data(payload), indent=2, sort_keys=True, default=str))
         client.log_artifact(run_id, str(path), folder or None)
 
 
@@ -130,7 +131,7 @@ def start_parent(
         client.log_param(parent_id, "source_uri", source.uri)
         client.log_param(parent_id, "policy_hash", policy_hash)
         for role, uri in data_uris.items():
-            client.log_param(parent_id, f"data.{role}", uri)
+            client.log_param(parent_id, f"data.{role}", redact(uri))
     except BaseException:
         client.set_terminated(parent_id, "FAILED")
         raise
@@ -343,6 +344,6 @@ def _tag_source(client: Any, result: CompressionResult, parent_id: str, doc: dic
 
 def tag_failure(client: Any, source: registry.SourceVersion, reason: str) -> None:
     """A run that could not start compressing says why on the source version (never a silent skip)."""
-    tags = {TAG + "outcome": "failed", TAG + "summary": reason[:5000]}
+    tags = {TAG + "outcome": "failed", TAG + "summary": redact(reason)[:5000]}
     for key, value in tags.items():
         client.set_model_version_tag(source.name, source.version, key, value)

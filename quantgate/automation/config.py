@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from quantgate.errors import PolicyError
 from quantgate.policy import Policy, TargetPolicy, load_policy, parse_policy, read_yaml, validation_message
+from quantgate.redact import redact
 
 DATA_TAGS = ("quantgate.calibration", "quantgate.evaluation")
 MANAGED_TAG = "quantgate.managed"
@@ -71,6 +72,8 @@ class AutomationConfig(_Strict):
             rule.model_copy(update={"policy": self.policy_for(rule).model_dump(mode="json")}) for rule in self.rules
         ]
         data: dict[str, Any] = self.model_copy(update={"rules": tuple(rules)}).model_dump(mode="json")
+        if data["tracking_uri"]:
+            data["tracking_uri"] = redact(data["tracking_uri"])  # a deployment parameter: Prefect stores it
         return data
 
     def target_pools(self) -> dict[str, list[TargetPolicy]]:

@@ -18,7 +18,7 @@ from typing import Any
 from quantgate.automation.config import DATA_TAGS, AutomationConfig, Rule, select
 from quantgate.hardware import backend_versions
 from quantgate.policy import Policy
-from quantgate.registry import all_pages
+from quantgate.registry import all_pages, flow_tracking_uri
 
 log = logging.getLogger("quantgate.automation")
 
@@ -77,7 +77,7 @@ def trigger(info: VersionInfo, rule: Rule, config: AutomationConfig, tracking_ur
         parameters={
             "model_uri": info.uri,
             "policy": policy.model_dump(mode="json"),
-            "tracking_uri": tracking_uri,
+            "tracking_uri": flow_tracking_uri(tracking_uri),  # credentials stay in the worker's environment
             "tag_failures": True,  # nobody watches an automatic run: a failure to start is written on the version
         },
         idempotency_key=key,

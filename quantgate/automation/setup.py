@@ -7,7 +7,7 @@ from typing import Any
 
 from quantgate.automation.config import AutomationConfig
 from quantgate.automation.webhooks import HANDLED_KINDS
-from quantgate.registry import all_pages
+from quantgate.registry import all_pages, flow_tracking_uri
 from quantgate.targets import deployment_name
 
 log = logging.getLogger("quantgate.automation")
@@ -55,7 +55,7 @@ def deploy(config: AutomationConfig, tracking_uri: str) -> list[str]:
         name="compress-model",
         work_pool_name=pool,
         entrypoint_type=EntrypointType.MODULE_PATH,
-        parameters={"tracking_uri": tracking_uri, "tag_failures": True},
+        parameters={"tracking_uri": flow_tracking_uri(tracking_uri), "tag_failures": True},
         description="Compress one registered model version (started by the webhook bridge and by nightly)",
         tags=["quantgate"],
     )
@@ -64,7 +64,7 @@ def deploy(config: AutomationConfig, tracking_uri: str) -> list[str]:
         work_pool_name=pool,
         entrypoint_type=EntrypointType.MODULE_PATH,
         schedules=[Cron(config.nightly.cron, timezone=config.nightly.timezone)],
-        parameters={"config": config.inlined(), "tracking_uri": tracking_uri},
+        parameters={"config": config.inlined(), "tracking_uri": flow_tracking_uri(tracking_uri)},
         description="Reconcile the registry: a compress-model run for every selected version without a result",
         tags=["quantgate"],
     )

@@ -326,7 +326,7 @@ def _start_steps(
         parameters = {
             "model_uri": source.uri,
             "policy": pinned,
-            "tracking_uri": tracking_uri,
+            "tracking_uri": registry.flow_tracking_uri(tracking_uri),
             "parent_run_id": parent_id,
             "pool": pool,
             "backends": list(backends),
@@ -438,7 +438,7 @@ def compress_model(
     ``tag_failures`` writes why a run could not start on the source version (automatic runs set it).
     """
     parsed = parse_policy(policy or {})
-    uri = tracking_uri or registry.default_tracking_uri()
+    uri = registry.resolve_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="quantgate-") as tmp:
         result = run_compression(model_uri, parsed, uri, Path(tmp), tag_failures=tag_failures)
     return result.to_document()

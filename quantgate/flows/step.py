@@ -80,5 +80,6 @@ def compress_step(
     MLflow run, where the parent checks their hardware fingerprint against the target and gates them.
     """
     parsed = parse_policy(policy)
+    uri = registry.resolve_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="quantgate-step-") as tmp:
-        return run_step(model_uri, parsed, tracking_uri, parent_run_id, pool, tuple(backends), Path(tmp))
+        return run_step(model_uri, parsed, uri, parent_run_id, pool, tuple(backends), Path(tmp))
