@@ -79,11 +79,14 @@ class DataSets:
     evaluation_uri: str
 
 
-def intake(source: registry.SourceVersion, workdir: Path) -> Intake:
-    """Download the pinned version into ``workdir`` and turn it into an ONNX file we can load."""
+def intake(source: registry.SourceVersion, workdir: Path, *, allow_pickle: bool = False) -> Intake:
+    """Download the pinned version into ``workdir`` and turn it into an ONNX file we can load.
+
+    ``allow_pickle``: the policy's ``intake.allow_pickle`` (pickled models load in an isolated process).
+    """
     log.info("downloading %s", source.uri)
     local = registry.download(source, workdir / "source")
-    model, flavor = to_onnx(local, workdir / "intake")
+    model, flavor = to_onnx(local, workdir / "intake", allow_pickle=allow_pickle)
     from quantgate.plugins.onnxruntime import OrtRunner
 
     try:

@@ -56,8 +56,8 @@ def resolve_task(model_uri: str, tracking_uri: str) -> registry.SourceVersion:
 
 
 @task(name="intake", cache_policy=NO_CACHE, persist_result=False, **MLFLOW_RETRY)
-def intake_task(source: registry.SourceVersion, workdir: Path) -> Intake:
-    return pipeline.intake(source, workdir)
+def intake_task(source: registry.SourceVersion, workdir: Path, allow_pickle: bool = False) -> Intake:
+    return pipeline.intake(source, workdir, allow_pickle=allow_pickle)
 
 
 @task(name="load-data", cache_policy=NO_CACHE, persist_result=False)
@@ -349,7 +349,7 @@ def run_compression(
     clock = Clock()
     source = resolve_task(model_uri, tracking_uri)
     clock.lap("resolve")
-    taken = intake_task(source, workdir)
+    taken = intake_task(source, workdir, policy.intake.allow_pickle)
     clock.lap("intake")
     try:
         data = data_task(policy, source, taken.model, workdir)

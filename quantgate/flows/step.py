@@ -38,7 +38,7 @@ def run_step(
 
     clock = Clock()
     source = resolve_task(model_uri, tracking_uri)
-    taken = intake_task(source, workdir)
+    taken = intake_task(source, workdir, policy.intake.allow_pickle)
     data = data_task(policy, source, taken.model, workdir)
     hardware = detect()
     planned = pipeline.plan(policy, taken.model, backends)
