@@ -87,9 +87,7 @@ _IGNORED = (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER, tokenize.INDENT, 
 def _printable(text: str, *, lines: bool = False) -> bool:
     # Python treats \r, \f, \v and a few Unicode separators as line breaks too, and torch splits stack traces on
     # \n only: such a character would end a generated comment. ``lines``: text torch reads line by line.
-    return not any(
-        unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") and not (lines and ch in "\n\t") for ch in text
-    )
+    return not any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") and not (lines and ch in "\n\t") for ch in text)
 
 
 def check_program_json(node: Any, key: str = "", where: str = "") -> None:
