@@ -17,7 +17,7 @@ import onnx
 from quantgate import gate, registry, search
 from quantgate.build import BuildJob, BuildTimeout, BuildWorker, build
 from quantgate.cache import CandidateCache, RunKey
-from quantgate.data import NpzDataset, resolve_data_uri
+from quantgate.data import NpzDataset, check_values, resolve_data_uri
 from quantgate.errors import (
     BackendError,
     BackendUnavailable,
@@ -121,7 +121,31 @@ def load_data(policy: Policy, source: registry.SourceVersion, model: ModelInfo, 
         raise PolicyError(
             "nothing to prove quality with: the evaluation data has no 'labels' array and gate.min_fidelity is not set"
         )
+    cfg = policy.data
+    classes = output_classes(model, evaluation) if evaluation.has_labels or calib.has_labels else None
+    roles = (("calibration", calib, cfg.calibration_samples), ("evaluation", evaluation, cfg.evaluation_samples))
+    for role, ds, limit in roles:
+        check_values(ds, role=role, limit=limit, n_classes=classes, allow_non_finite=cfg.allow_non_finite)
     return DataSets(calib, evaluation, calib_uri, eval_uri)
+
+
+def output_classes(model: ModelInfo, evaluation: NpzDataset) -> int:
+    """How many classes top-1 picks from: the first output's second axis (run once on a sample when dynamic)."""
+    first = model.outputs[0]
+    if len(first.shape) == 2 and first.shape[1] is not None:
+        return int(first.shape[1])
+    from quantgate.plugins.onnxruntime import OrtRunner
+
+    try:
+        scores = OrtRunner(model.path, threads=1).run(evaluation.take(1).inputs)[0]
+    except BackendError as exc:
+        raise InvalidModel(f"the model does not run on an evaluation sample: {exc}") from None
+    if scores.ndim != 2:
+        raise DataError(
+            f"the evaluation data has 'labels', but the model's first output '{first.name}' has shape "
+            f"{list(scores.shape)}: top-1 needs [samples, classes] scores (drop 'labels' and gate on fidelity)"
+        )
+    return int(scores.shape[1])
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,9 @@ class _Payload:
         self.marker, self.inner = marker, inner
 
     def __reduce__(self) -> tuple[Any, tuple[str]]:
-        code = f"({_PROBE.format(marker=str(self.marker))}, __import__('pickle').loads({pickle.dumps(self.inner)!r}))[1]"
+        code = (
+            f"({_PROBE.format(marker=str(self.marker))}, __import__('pickle').loads({pickle.dumps(self.inner)!r}))[1]"
+        )
         return (eval, (code,))
 
 
@@ -123,7 +125,7 @@ def test_an_allowed_sklearn_pickle_runs_only_in_the_isolated_process(
     marker = tmp_path / "pwned"
     clf = register_malicious_sklearn(tracking_uri, marker, fmt="pickle")
     local = _download(tracking_uri, "evil-sk", tmp_path / "dl")
-    info, flavor = to_onnx(local, tmp_path / "work", allow_pickle=True)
+    info, _ = to_onnx(local, tmp_path / "work", allow_pickle=True)
     _child_record(marker)
     x, _ = _iris()
     np.testing.assert_allclose(OrtRunner(info.path, 1).run({"input": x[:5]})[0], clf.predict_proba(x[:5]), atol=1e-4)
@@ -175,7 +177,7 @@ def test_a_pt2_archive_whose_shape_expression_runs_code_is_refused_and_runs_only
 
     _tamper_pt2(pt2, edit)
     local = _download(tracking_uri, "evil-pt2", tmp_path / "dl")
-    with pytest.raises(UnsafeModel, match="expression .* holds '__import__', refused"):
+    with pytest.raises(UnsafeModel, match=r"expression .* holds '__import__', refused"):
         to_onnx(local, tmp_path / "work")
     with pytest.raises(UnsafeModel):
         load_exported_program(next((local / "data").glob("*.pt2")))
@@ -197,7 +199,7 @@ def test_a_pt2_archive_with_pickled_sample_inputs_is_refused(
     torch.save(_Payload(marker, ((torch.zeros(2, 1, 32, 32),), {})), payload)
     _tamper_pt2(pt2, lambda name, data: payload.read_bytes() if "sample_inputs/" in name else data)
     local = _download(tracking_uri, "evil-inputs", tmp_path / "dl")
-    with pytest.raises(UnsafeModel, match="sample_inputs/model.pt holds objects beyond tensors"):
+    with pytest.raises(UnsafeModel, match=r"sample_inputs/model\.pt holds objects beyond tensors"):
         to_onnx(local, tmp_path / "work")
     assert not marker.exists()
 
