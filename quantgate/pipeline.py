@@ -25,6 +25,7 @@ from quantgate.errors import (
     InvalidModel,
     NeedsTargetHardware,
     PolicyError,
+    raise_if_infrastructure,
 )
 from quantgate.gate import Check, Verdict
 from quantgate.hardware import Hardware
@@ -247,6 +248,7 @@ def baseline_for(
     except BackendUnavailable as exc:
         raise BackendError(str(exc)) from None
     except BackendError as exc:
+        raise_if_infrastructure(exc, f"the FP32 baseline on {backend_name}")
         raise BackendError(f"the FP32 baseline failed on {backend_name}: {exc}") from None
     ref = reference.runner if reference is not None and reference.backend is not backend else None
     return Baseline(backend, cand, runner, outputs, ref, tuning_for(data, policy))
@@ -364,6 +366,7 @@ def evaluate(
     except BuildTimeout as exc:
         return CandidateRun(skipped_result(recipe, str(exc), hardware, policy), time.perf_counter() - t0)
     except (BackendError, BackendUnavailable) as exc:  # one recipe's failure: the others go on
+        raise_if_infrastructure(exc, label)
         log.info("%s failed to build: %s", label, exc)
         failed = failed_result(recipe, str(exc), hardware, has_labels, policy)
         return CandidateRun(failed, time.perf_counter() - t0)
@@ -594,6 +597,7 @@ def evaluate_prepared(
     except NeedsTargetHardware as exc:
         needs = exc
     except (BackendError, BackendUnavailable) as exc:
+        raise_if_infrastructure(exc, f"{recipe.backend}/{recipe.name}")
         return CandidateRun(failed_result(recipe, str(exc), hardware, has_labels, policy), time.perf_counter() - t0)
     else:  # the backend became able to run here mid-run (a GPU appeared?): no baseline was built for it
         reason = f"{recipe.backend} became available mid-run ({built.artifact.name}); run again to measure it"

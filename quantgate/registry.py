@@ -213,6 +213,24 @@ def _without_userinfo(uri: str) -> tuple[str, dict[str, str]]:
     return parts._replace(netloc=netloc).geturl(), headers
 
 
+def is_outage(exc: BaseException) -> bool:
+    """Whether an MLflow client failure is the server's (5xx, refused or dropped connections), not the request's."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, TrackingUnavailable | InfrastructureError):
+        return True
+    if isinstance(exc, MlflowException):
+        status = getattr(exc, "get_http_status_code", lambda: 500)()
+        if getattr(exc, "error_code", "") in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE") and status >= 500:
+            return True
+    text = str(exc)
+    return any(
+        s in text
+        for s in ("Max retries exceeded", "Connection refused", "Connection aborted", "Connection reset",
+                  "RemoteDisconnected", "too many 5", " 502", " 503", " 504", "500 error responses")
+    )  # fmt: skip
+
+
 def _not_found(exc: Exception) -> bool:
     return getattr(exc, "error_code", "") in (
         "RESOURCE_DOES_NOT_EXIST",

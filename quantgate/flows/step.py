@@ -7,7 +7,6 @@ leaves ``steps/<pool>.json`` there. The parent checks the recorded hardware, gat
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from quantgate.model import ModelInfo
 from quantgate.policy import Policy, parse_policy
 from quantgate.result import CandidateResult
 from quantgate.validators.base import load_validators
+from quantgate.workdir import run_workdir
 
 
 def run_step(
@@ -81,5 +81,5 @@ def compress_step(
     """
     parsed = parse_policy(policy)
     uri = registry.resolve_tracking_uri(tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="quantgate-step-") as tmp:
-        return run_step(model_uri, parsed, uri, parent_run_id, pool, tuple(backends), Path(tmp))
+    with run_workdir() as tmp:
+        return run_step(model_uri, parsed, uri, parent_run_id, pool, tuple(backends), tmp)
