@@ -505,18 +505,22 @@ def webhooks_register(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Register (or replace) the MLflow webhook that calls the bridge; the secret is QUANTGATE_WEBHOOK_SECRET."""
+    from mlflow.exceptions import MlflowException
+
     from quantgate import registry
     from quantgate.automation.setup import register_webhook
 
     _quiet_libraries()
     secret = os.environ.get("QUANTGATE_WEBHOOK_SECRET", "")
-    if not secret:
-        raise _fail("QUANTGATE_WEBHOOK_SECRET is not set", EXIT_BAD_INPUT)
     try:
-        client = registry.connect(tracking_uri or registry.default_tracking_uri())
+        uri = tracking_uri or registry.default_tracking_uri()
+        _use_tracking_uri(uri)
+        client = registry.connect(uri)
         hook_id = register_webhook(client, url, secret)
     except InputError as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    except MlflowException as exc:  # listing or deleting webhooks failed: MLflow's refusal, one line
+        raise _fail(_mlflow_error(exc), EXIT_BAD_INPUT) from None
     out.print(f"webhook {hook_id} -> {escape(url)}")
 
 
