@@ -141,6 +141,17 @@ class Unit:
         faults.point("version_created")
         return version
 
+    def settled(self, name: str, created: str, kept: str, cand_run_id: str | None) -> None:
+        """``created`` was deleted for an older duplicate ``kept``: ours too when MLflow's client re-sent a create
+        whose answer it lost (same candidate run), then it is ours to undo; another run's otherwise."""
+        if kept == created:
+            return
+        self.journal.versions = [v for v in self.journal.versions if v != (name, created)]
+        tags = self.client.get_model_version(name, kept).tags or {}
+        if cand_run_id and tags.get(TAG + "candidate_run_id") == cand_run_id:
+            self.journal.versions.append((name, kept))
+        self.save("duplicate settled")
+
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.journal.alias = (name, alias)
         self.save("setting alias")
@@ -192,7 +203,7 @@ def rollback(
     for name, run_id in journal.intents:  # a create MLflow did, though its answer was lost
         created.update((name, v) for v in _versions_of_run(client, name, run_id))
     for name, version in sorted(created, key=lambda nv: (nv[0], -int(nv[1]))):
-        attempt(f"{name} v{version} deleted", lambda n=name, v=version: client.delete_model_version(n, v))
+        attempt(f"{name} v{version} deleted", lambda n=name, v=version: _delete_version(client, n, v))
     for name in reversed(journal.models):
         try:
             others = _model_exists(client, name) and bool(client.search_model_versions(f"name = '{_q(name)}'"))
@@ -356,6 +367,16 @@ def _model_exists(client: Any, name: str) -> bool:
     return True
 
 
+def _delete_version(client: Any, name: str, version: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_model_version(name, version)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":  # gone already is what we wanted
+            raise
+
+
 def _delete_model(client: Any, name: str) -> None:
     if _model_exists(client, name):
         client.delete_registered_model(name)
@@ -366,20 +387,37 @@ def _alias_target(client: Any, name: str, alias: str) -> str | None:
 
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None  # no such model or alias yet
+        raise
 
 
 def _restore_alias(client: Any, name: str, alias: str, previous: str | None) -> None:
+    from mlflow.exceptions import MlflowException
+
     if not _model_exists(client, name):
         return
-    if previous is not None:
-        with contextlib.suppress(Exception):
-            client.get_model_version(name, previous)
-            client.set_registered_model_alias(name, alias, previous)
-            return
-    with contextlib.suppress(Exception):  # never set: nothing to remove
+    if previous is not None and _version_exists(client, name, previous):
+        client.set_registered_model_alias(name, alias, previous)
+        return
+    try:
         client.delete_registered_model_alias(name, alias)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise  # never set is fine; MLflow failing is not
+
+
+def _version_exists(client: Any, name: str, version: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 def _restore_source(client: Any, source: registry.SourceVersion, before: dict[str, Any]) -> None:

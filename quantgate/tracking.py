@@ -277,8 +277,9 @@ def _register_one(client: Any, unit: registration.Unit, result: CompressionResul
         return
     cand.registered_uri = None
     text = report.summary_markdown(result.to_document(), cand.to_dict())
-    version = unit.version(name, model_uri, cand.run_id, _lineage_tags(result, cand), text)
-    version = registration.settle_duplicates(client, name, result.source, cand.recipe.digest, version)
+    created = unit.version(name, model_uri, cand.run_id, _lineage_tags(result, cand), text)
+    version = registration.settle_duplicates(client, name, result.source, cand.recipe.digest, created)
+    unit.settled(name, created, version, cand.run_id)
     cand.registered_uri = f"models:/{name}/{version}"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,13 @@ def _tracking_unreachable(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-# Steps that talk to MLflow survive a tracking-server restart of up to about a minute.
-MLFLOW_RETRY: dict[str, Any] = {"retries": 4, "retry_delay_seconds": 15, "retry_condition_fn": _tracking_unreachable}
+# Steps that talk to MLflow survive a tracking-server restart of up to about a minute (the delay is an environment
+# setting so the fault suite can ride out its outages in seconds).
+MLFLOW_RETRY: dict[str, Any] = {
+    "retries": 4,
+    "retry_delay_seconds": float(os.environ.get("QUANTGATE_MLFLOW_RETRY_DELAY_S", 15)),
+    "retry_condition_fn": _tracking_unreachable,
+}
 
 
 @task(name="resolve", cache_policy=NO_CACHE, persist_result=False, **MLFLOW_RETRY)
