@@ -258,3 +258,20 @@ def test_two_workers_compressing_the_same_version_at_once_register_it_once(
     assert client.get_model_version_by_alias("twin-fault-onnxruntime-int8", "compressed").version == mv.version
     assert running_runs(client) == []
     print("\nFAULTS two workers: 2 flow runs of one version at once, 1 registered version, alias on it")
+
+
+def test_webhooks_register_keeps_the_working_webhook_when_the_new_url_does_not_answer(
+    faulty_stack: stack.StackSettings,
+) -> None:
+    from quantgate.automation.setup import WEBHOOK_NAME, register_webhook
+    from quantgate.errors import InputError
+
+    client = MlflowClient(faulty_stack.mlflow_url)
+    secret = stack.webhook_secret(faulty_stack)
+    (working,) = [h for h in client.list_webhooks() if h.name == WEBHOOK_NAME]
+    with pytest.raises(InputError, match=r"did not accept MLflow's test delivery .*the existing webhook .* was kept"):
+        register_webhook(client, "http://127.0.0.1:1/webhooks/mlflow", secret)
+    assert [h.webhook_id for h in client.list_webhooks() if h.name == WEBHOOK_NAME] == [working.webhook_id]
+    new = register_webhook(client, faulty_stack.bridge_url + "/webhooks/mlflow", secret)  # tested, then swapped
+    assert [h.webhook_id for h in client.list_webhooks() if h.name == WEBHOOK_NAME] == [new]
+    assert new != working.webhook_id
