@@ -491,7 +491,7 @@ def nightly(config: ConfigOption = None, tracking_uri: TrackingOption = None) ->
     _quiet_libraries()
     try:
         cfg, uri = _automation(config, tracking_uri)
-        started = nightly_flow(cfg.inlined(), uri)
+        started = nightly_flow(cfg.inlined(), _use_tracking_uri(uri))
     except InputError as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
     for item in started:

@@ -21,6 +21,8 @@ def private_file(path: Path) -> Path:
     """An owner-only (0600) file at ``path``, created empty if missing (SQLite treats an empty file as a new
     database, and gives its -wal and -shm files the database file's mode)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():  # not a file at all: whoever opens it next reports that, with its own words
+        return path
     fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
     try:
         if os.fstat(fd).st_mode & 0o077:
