@@ -17,7 +17,13 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from quantgate.errors import BackendError, BackendUnavailable, QuantgateError
+from quantgate.errors import (
+    BackendError,
+    BackendUnavailable,
+    InfrastructureError,
+    QuantgateError,
+    infrastructure_cause,
+)
 from quantgate.model import ModelInfo
 from quantgate.plugins.base import Backend, Calibration, Candidate, Recipe, load_backend
 from quantgate.sensitivity import AccuracyControl
@@ -59,7 +65,9 @@ def _serve(conn: Connection) -> None:
         try:
             conn.send(("ok", fn(arg)))
         except (BackendError, BackendUnavailable) as exc:
-            conn.send(("error", "backend", str(exc)))
+            # The cause chain does not survive the pipe: classify here, where it is still there.
+            cause = infrastructure_cause(exc)
+            conn.send(("error", "infra", f"{cause}: {exc}") if cause else ("error", "backend", str(exc)))
         except BaseException as exc:  # anything else is not the recipe's verdict: the parent re-raises it
             conn.send(("error", "crash", f"{type(exc).__name__}: {exc}"))
 
@@ -99,15 +107,16 @@ class BuildWorker:
             )
         try:
             reply = conn.recv()
-        except EOFError:  # the worker died (out of memory, a crash in native code)
+        except EOFError:  # the worker died: killed, out of memory, a crash in native code. No verdict on the recipe.
+            code = self._proc.exitcode if self._proc is not None else None
             self.kill()
-            raise BackendError(f"{what} failed: the build process died") from None
+            raise InfrastructureError(f"building {what}: the build process died (exit status {code})") from None
         if reply[0] == "ok":
             return reply[1]
         _, kind, message = reply
         if kind == "backend":
             raise BackendError(message)
-        raise RuntimeError(f"building {what} crashed: {message}")
+        raise InfrastructureError(f"building {what} crashed: {message}")
 
     def kill(self) -> None:
         if self._proc is not None and self._proc.is_alive():

@@ -98,8 +98,27 @@ def _drop_library_root_handlers() -> None:
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"quantgate: error: {message}", markup=False)
+    from quantgate.redact import redact
+
+    lines = message.strip().splitlines() or ["(no message)"]
+    err.print(f"quantgate: error: {redact(lines[0])}", markup=False)
     return typer.Exit(code)
+
+
+def _mlflow_error(exc: BaseException) -> str:
+    """An MLflow client failure (5xx, a dropped connection, a refused request) as the one line a user reads."""
+    lines = str(exc).strip().splitlines()
+    return f"MLflow: {lines[0] if lines else type(exc).__name__}"
+
+
+def _use_tracking_uri(uri: str, *, create: bool = False) -> str:
+    """Check the URI before anything touches it, and keep it (with its credentials) in this process's environment
+    only; what flow-run parameters and outputs carry is the masked form."""
+    from quantgate import registry
+
+    registry.check_tracking_uri(uri, create=create)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return registry.flow_tracking_uri(uri)
 
 
 class _PrefectStart:
@@ -212,6 +231,8 @@ def compress(
     prefect: Annotated[str, typer.Option(help="local (reused local server) or ephemeral")] = "local",
 ) -> None:
     """Compress one registered model version, gate every candidate, register what passes."""
+    from mlflow.exceptions import MlflowException
+
     from quantgate import registry
     from quantgate.policy import load_policy
 
@@ -219,16 +240,19 @@ def compress(
     try:
         pol = load_policy(policy)
         registry.parse_model_uri(model_uri)
-        starting = _PrefectStart(prefect)
         uri = tracking_uri or registry.default_tracking_uri()
+        shown = _use_tracking_uri(uri)
+        starting = _PrefectStart(prefect)
         registry.check_reachable(uri)
         _preload_backends(pol.backends)
         starting.wait()
-        doc = _run_flow(model_uri, pol.model_dump(mode="json"), uri, err.is_terminal and not as_json)
+        doc = _run_flow(model_uri, pol.model_dump(mode="json"), shown, err.is_terminal and not as_json)
     except InputError as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
     except QuantgateError as exc:
         raise _fail(str(exc), EXIT_INTERNAL) from None
+    except MlflowException as exc:
+        raise _fail(_mlflow_error(exc), EXIT_INTERNAL) from None
     doc["timings_s"]["process_start_to_flow_s"] = doc["timings_s"]["flow_started_at"] - _process_start()
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -253,7 +277,9 @@ def report(
     _quiet_libraries()
     try:
         ref = registry.parse_model_uri(model_uri)
-        client = registry.connect(tracking_uri or registry.default_tracking_uri())
+        uri = tracking_uri or registry.default_tracking_uri()
+        _use_tracking_uri(uri)
+        client = registry.connect(uri)
         version = registry.resolve(client, ref)
         run_id = review.result_run_id(client, version)
         doc = review.load_result(client, run_id)
@@ -297,7 +323,9 @@ def history(
 
     _quiet_libraries()
     try:
-        client = registry.connect(tracking_uri or registry.default_tracking_uri())
+        uri = tracking_uri or registry.default_tracking_uri()
+        _use_tracking_uri(uri)
+        client = registry.connect(uri)
         attempts = review.history(client, name)
     except InputError as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
@@ -356,6 +384,7 @@ def demo(
     _quiet_libraries()
     uri = tracking_uri or registry.default_tracking_uri()
     try:
+        shown = _use_tracking_uri(uri, create=True)
         registry.connect(uri)
         with err.status("[bold]quantgate[/] training the digits CNN", spinner="dots"):
             model_uri = register_demo_model(uri, workdir.resolve())
@@ -364,13 +393,13 @@ def demo(
             return
         err.print(f"registered {model_uri}; compressing it")
         _PrefectStart(prefect).wait()
-        doc = _run_flow(model_uri, {}, uri, err.is_terminal)
+        doc = _run_flow(model_uri, {}, shown, err.is_terminal)
     except InputError as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
     except QuantgateError as exc:
         raise _fail(str(exc), EXIT_INTERNAL) from None
     print_summary(doc)
-    out.print(f"\nOpen the results: mlflow ui --backend-store-uri {uri} --port 5000  ->  http://127.0.0.1:5000")
+    out.print(f"\nOpen the results: mlflow ui --backend-store-uri {shown} --port 5000  ->  http://127.0.0.1:5000")
     out.print(
         f"  experiment '{doc['experiment']}', run {doc['parent_run_id']}; models: {model_uri}"
         + (f", {doc['promoted_uri']}" if doc["promoted_uri"] else "")
@@ -439,6 +468,7 @@ def serve_webhooks(
 def deploy(config: ConfigOption = None, tracking_uri: TrackingOption = None) -> None:
     """Create the work pool and the compress-model and nightly deployments on the Prefect server (PREFECT_API_URL)."""
     from quantgate.automation.setup import deploy as apply_deployments
+    from quantgate.redact import redact
 
     _quiet_libraries()
     try:
@@ -449,7 +479,7 @@ def deploy(config: ConfigOption = None, tracking_uri: TrackingOption = None) -> 
     out.print(
         f"work pool {cfg.pool.name} (concurrency {cfg.pool.concurrency_limit}); deployments"
         f" compress-model/compress-model and nightly/nightly ({escape(cfg.nightly.cron)} {cfg.nightly.timezone});"
-        f" tracking {escape(uri)}"
+        f" tracking {escape(redact(uri))}"
     )
 
 
@@ -461,7 +491,7 @@ def nightly(config: ConfigOption = None, tracking_uri: TrackingOption = None) ->
     _quiet_libraries()
     try:
         cfg, uri = _automation(config, tracking_uri)
-        started = nightly_flow(cfg.inlined(), uri)
+        started = nightly_flow(cfg.inlined(), _use_tracking_uri(uri))
     except InputError as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
     for item in started:
@@ -475,18 +505,22 @@ def webhooks_register(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Register (or replace) the MLflow webhook that calls the bridge; the secret is QUANTGATE_WEBHOOK_SECRET."""
+    from mlflow.exceptions import MlflowException
+
     from quantgate import registry
     from quantgate.automation.setup import register_webhook
 
     _quiet_libraries()
     secret = os.environ.get("QUANTGATE_WEBHOOK_SECRET", "")
-    if not secret:
-        raise _fail("QUANTGATE_WEBHOOK_SECRET is not set", EXIT_BAD_INPUT)
     try:
-        client = registry.connect(tracking_uri or registry.default_tracking_uri())
+        uri = tracking_uri or registry.default_tracking_uri()
+        _use_tracking_uri(uri)
+        client = registry.connect(uri)
         hook_id = register_webhook(client, url, secret)
     except InputError as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    except MlflowException as exc:  # listing or deleting webhooks failed: MLflow's refusal, one line
+        raise _fail(_mlflow_error(exc), EXIT_BAD_INPUT) from None
     out.print(f"webhook {hook_id} -> {escape(url)}")
 
 
@@ -546,7 +580,22 @@ def local_prefect_stop() -> None:
     out.print("stopped" if stop_local_server() else "no local Prefect server was running")
 
 
+def _terminate_cleanly() -> None:
+    """SIGTERM (a cancelled CI job, ``kill``, Prefect cancelling a run) unwinds like Ctrl-C: temporary directories are
+    removed and an open MLflow run is marked FAILED instead of left RUNNING."""
+    import signal
+
+    def _raise(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
 def main() -> None:
+    from quantgate.redact import install
+
+    install()
+    _terminate_cleanly()
     try:
         app()
     except Exception:

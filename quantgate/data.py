@@ -22,6 +22,7 @@ from numpy.lib import format as npy_format
 
 from quantgate.errors import DataError
 from quantgate.model import TensorSpec
+from quantgate.redact import has_credentials, redact
 
 LABELS = "labels"
 
@@ -277,6 +278,40 @@ class NpzDataset:
         return next(iter(self.batches(k, limit=k)))
 
 
+def check_values(
+    dataset: NpzDataset, *, role: str, limit: int | None, n_classes: int | None, allow_non_finite: bool
+) -> None:
+    """Refuse values no metric survives, on the samples a run uses: NaN/Inf in an input (unless allowed), labels
+    that are not class indices of the model (top-1 of a label the model cannot output is 0 for both models, a drop
+    of 0: such a gate passes anything)."""
+    filename = dataset.path.name
+    low = high = None
+    bad: dict[str, int] = {}
+    floats = [n for n in dataset.array_names if np.issubdtype(dataset.dtype(n), np.floating)]
+    for batch in dataset.batches(256, limit=limit):
+        if not allow_non_finite:
+            for name in floats:
+                count = int(np.size(batch.inputs[name]) - np.count_nonzero(np.isfinite(batch.inputs[name])))
+                if count:
+                    bad[name] = bad.get(name, 0) + count
+        if batch.labels is not None and batch.labels.size:
+            low = min(int(batch.labels.min()), low if low is not None else int(batch.labels.min()))
+            high = max(int(batch.labels.max()), high if high is not None else int(batch.labels.max()))
+    if bad:
+        where = ", ".join(f"'{name}' ({n} values)" for name, n in bad.items())
+        raise DataError(
+            f"{filename}: {role} data has NaN or Inf in {where}; clean it, or set data.allow_non_finite: true if the "
+            "model takes them on purpose"
+        )
+    if low is None or high is None or n_classes is None:
+        return
+    if low < 0 or high >= n_classes:
+        raise DataError(
+            f"{filename}: {role} 'labels' range from {low} to {high}, but the model outputs {n_classes} classes "
+            f"(labels must be class indices 0..{n_classes - 1})"
+        )
+
+
 def _local_path(uri: str) -> Path | None:
     """The local path ``uri`` names, or None when it is a remote (MLflow) URI."""
     parsed = urlparse(uri)
@@ -297,7 +332,7 @@ def _download(uri: str, workdir: Path, role: str) -> Path:
     except Exception as exc:  # mlflow raises MlflowException, OSError, boto/http errors... by store
         lines = str(exc).strip().splitlines()
         reason = lines[0] if lines else type(exc).__name__
-        raise DataError(f"cannot download {role} data {uri}: {reason}") from exc
+        raise DataError(f"cannot download {role} data {redact(uri)}: {redact(reason)}") from exc
     return Path(local)
 
 
@@ -308,6 +343,11 @@ def resolve_data_uri(uri: str, workdir: Path, *, role: str = "calibration") -> P
     ``mlflow-artifacts:/``, ``s3://``...) goes through ``mlflow.artifacts.download_artifacts`` with the
     tracking URI the caller has set.
     """
+    if has_credentials(uri):
+        raise DataError(
+            f"{role} data {redact(uri)} carries credentials in the URI (they would be recorded with the run); pass "
+            "them through the environment (AWS_*, MLFLOW_TRACKING_*) instead"
+        )
     local = _local_path(uri)
     if local is None:
         path = _download(uri, workdir, role)

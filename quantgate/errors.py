@@ -2,7 +2,7 @@
 
 The CLI maps these to exit codes (see README, "Exit codes"):
 ``InputError`` and its subclasses -> 2; ``GateFailed`` -> 1; any other
-``QuantgateError`` -> 3.
+``QuantgateError`` -> 3 (``InfrastructureError`` among them: never a gate verdict).
 """
 
 from __future__ import annotations
@@ -11,7 +11,13 @@ from pathlib import Path
 
 
 class QuantgateError(Exception):
-    """Base of every error quantgate raises on purpose."""
+    """Base of every error quantgate raises on purpose. Its message never holds a credential: it is printed,
+    logged, written on the source version and stored by Prefect as the flow run's state message."""
+
+    def __init__(self, *args: object) -> None:
+        from quantgate.redact import redact
+
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class InputError(QuantgateError):
@@ -42,6 +48,10 @@ class TrackingUnavailable(InputError):
     """The MLflow tracking server cannot be reached."""
 
 
+class UnsafeModel(InputError):
+    """The model's format runs code when it is loaded (pickle), and this run does not allow that."""
+
+
 class BackendUnavailable(QuantgateError):
     """A backend's library is not installed, or its hardware is missing on this host."""
 
@@ -68,9 +78,46 @@ class BackendError(QuantgateError):
     """A backend failed to produce a candidate for one recipe."""
 
 
+class InfrastructureError(QuantgateError):
+    """Something the run depends on failed, not the model or the recipe: a backend process crashed, the disk or
+    memory ran out, MLflow answered 5xx. The run ends ``failed`` with the reason (exit 3) and the nightly pass
+    retries it; only a measured gate failure is ``none_passed``."""
+
+
 class RegistrationError(QuantgateError):
     """Registering compressed versions in MLflow failed; nothing was left half-registered."""
 
 
 class GateFailed(QuantgateError):
     """The pipeline ran, but no candidate passed the gate."""
+
+
+# errno values that say the machine, not the model or the recipe, failed.
+_INFRA_ERRNOS = frozenset({12, 5, 28, 30, 23, 24, 122})  # ENOMEM EIO ENOSPC EROFS ENFILE EMFILE EDQUOT
+# What native libraries (ONNX Runtime, OpenVINO, NNCF) say when they run out of memory or disk: they rarely chain.
+_INFRA_TEXT = ("No space left on device", "Cannot allocate memory", "bad_alloc", "out of memory", "Disk quota")
+
+
+def infrastructure_cause(exc: BaseException) -> str | None:
+    """Why ``exc`` is the machine's failure (out of memory or disk, an I/O error), or ``None`` when it is not."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MemoryError):
+            return "out of memory"
+        if isinstance(current, OSError) and current.errno in _INFRA_ERRNOS:
+            return current.strerror or str(current)
+        text = str(current)
+        hit = next((t for t in _INFRA_TEXT if t.lower() in text.lower()), None)
+        if hit is not None:
+            return hit
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def raise_if_infrastructure(exc: BaseException, what: str) -> None:
+    """Re-raise a backend's failure as ``InfrastructureError`` when the machine caused it (it is no verdict)."""
+    cause = infrastructure_cause(exc)
+    if cause is not None:
+        raise InfrastructureError(f"{what}: {cause} ({exc})") from exc

@@ -17,7 +17,7 @@ import onnx
 from quantgate import gate, registry, search
 from quantgate.build import BuildJob, BuildTimeout, BuildWorker, build
 from quantgate.cache import CandidateCache, RunKey
-from quantgate.data import NpzDataset, resolve_data_uri
+from quantgate.data import NpzDataset, check_values, resolve_data_uri
 from quantgate.errors import (
     BackendError,
     BackendUnavailable,
@@ -25,6 +25,7 @@ from quantgate.errors import (
     InvalidModel,
     NeedsTargetHardware,
     PolicyError,
+    raise_if_infrastructure,
 )
 from quantgate.gate import Check, Verdict
 from quantgate.hardware import Hardware
@@ -81,11 +82,14 @@ class DataSets:
     evaluation_uri: str
 
 
-def intake(source: registry.SourceVersion, workdir: Path) -> Intake:
-    """Download the pinned version into ``workdir`` and turn it into an ONNX file we can load."""
+def intake(source: registry.SourceVersion, workdir: Path, *, allow_pickle: bool = False) -> Intake:
+    """Download the pinned version into ``workdir`` and turn it into an ONNX file we can load.
+
+    ``allow_pickle``: the policy's ``intake.allow_pickle`` (pickled models load in an isolated process).
+    """
     log.info("downloading %s", source.uri)
     local = registry.download(source, workdir / "source")
-    model, flavor = to_onnx(local, workdir / "intake")
+    model, flavor = to_onnx(local, workdir / "intake", allow_pickle=allow_pickle)
     from quantgate.plugins.onnxruntime import OrtRunner
 
     try:
@@ -120,7 +124,31 @@ def load_data(policy: Policy, source: registry.SourceVersion, model: ModelInfo, 
         raise PolicyError(
             "nothing to prove quality with: the evaluation data has no 'labels' array and gate.min_fidelity is not set"
         )
+    cfg = policy.data
+    classes = output_classes(model, evaluation) if evaluation.has_labels or calib.has_labels else None
+    roles = (("calibration", calib, cfg.calibration_samples), ("evaluation", evaluation, cfg.evaluation_samples))
+    for role, ds, limit in roles:
+        check_values(ds, role=role, limit=limit, n_classes=classes, allow_non_finite=cfg.allow_non_finite)
     return DataSets(calib, evaluation, calib_uri, eval_uri)
+
+
+def output_classes(model: ModelInfo, evaluation: NpzDataset) -> int:
+    """How many classes top-1 picks from: the first output's second axis (run once on a sample when dynamic)."""
+    first = model.outputs[0]
+    if len(first.shape) == 2 and first.shape[1] is not None:
+        return int(first.shape[1])
+    from quantgate.plugins.onnxruntime import OrtRunner
+
+    try:
+        scores = OrtRunner(model.path, threads=1).run(evaluation.take(1).inputs)[0]
+    except BackendError as exc:
+        raise InvalidModel(f"the model does not run on an evaluation sample: {exc}") from None
+    if scores.ndim != 2:
+        raise DataError(
+            f"the evaluation data has 'labels', but the model's first output '{first.name}' has shape "
+            f"{list(scores.shape)}: top-1 needs [samples, classes] scores (drop 'labels' and gate on fidelity)"
+        )
+    return int(scores.shape[1])
 
 
 @dataclass(frozen=True)
@@ -222,6 +250,7 @@ def baseline_for(
     except BackendUnavailable as exc:
         raise BackendError(str(exc)) from None
     except BackendError as exc:
+        raise_if_infrastructure(exc, f"the FP32 baseline on {backend_name}")
         raise BackendError(f"the FP32 baseline failed on {backend_name}: {exc}") from None
     ref = reference.runner if reference is not None and reference.backend is not backend else None
     return Baseline(backend, cand, runner, outputs, ref, tuning_for(data, policy))
@@ -343,6 +372,7 @@ def evaluate(
     except BuildTimeout as exc:
         return CandidateRun(skipped_result(recipe, str(exc), hardware, policy), time.perf_counter() - t0)
     except (BackendError, BackendUnavailable) as exc:  # one recipe's failure: the others go on
+        raise_if_infrastructure(exc, label)
         log.info("%s failed to build: %s", label, exc)
         failed = failed_result(recipe, str(exc), hardware, has_labels, policy)
         return CandidateRun(failed, time.perf_counter() - t0)
@@ -617,6 +647,7 @@ def evaluate_prepared(
     except NeedsTargetHardware as exc:
         needs = exc
     except (BackendError, BackendUnavailable) as exc:
+        raise_if_infrastructure(exc, f"{recipe.backend}/{recipe.name}")
         return CandidateRun(failed_result(recipe, str(exc), hardware, has_labels, policy), time.perf_counter() - t0)
     else:  # the backend became able to run here mid-run (a GPU appeared?): no baseline was built for it
         reason = f"{recipe.backend} became available mid-run ({built.artifact.name}); run again to measure it"

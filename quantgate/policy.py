@@ -19,22 +19,28 @@ from quantgate.hardware import ISA_FLAGS
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf/nan anywhere: YAML's ".inf" and "1e400" (read as a string, then as a float) are never a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataPolicy(_Strict):
     calibration: str | None = Field(default=None, description="Local path or MLflow artifact URI of a .npz")
     evaluation: str | None = Field(default=None, description="Local path or MLflow artifact URI of a .npz")
-    calibration_samples: int = Field(default=512, ge=1, description="Most calibration samples used")
-    calibration_batch_size: int = Field(default=16, ge=1)
-    evaluation_samples: int | None = Field(default=None, ge=1, description="Cap on evaluation samples")
+    calibration_samples: int = Field(default=512, ge=1, le=100_000_000, description="Most calibration samples used")
+    calibration_batch_size: int = Field(default=16, ge=1, le=65_536)
+    evaluation_samples: int | None = Field(
+        default=None, ge=1, le=1_000_000_000, description="Cap on evaluation samples"
+    )
+    allow_non_finite: bool = Field(
+        default=False, description="Accept NaN/Inf in input arrays (refused by default: they poison every metric)"
+    )
 
 
 class GatePolicy(_Strict):
     max_accuracy_drop: float | None = Field(default=0.01, ge=0.0, le=1.0)
     min_fidelity: float | None = Field(default=None, ge=-1.0, le=1.0)
-    min_speedup: float | None = Field(default=1.1, gt=0.0, le=1e6)
-    max_size_ratio: float | None = Field(default=1.0, gt=0.0)
+    min_speedup: float | None = Field(default=1.1, gt=0.0, le=1000.0)
+    max_size_ratio: float | None = Field(default=1.0, gt=0.0, le=1000.0)
     speedup_statistic: Literal["p50", "ci_low"] = Field(
         default="ci_low",
         description="Gate on the point estimate (p50 ratio) or on the lower end of its 95% confidence interval",
@@ -77,21 +83,25 @@ class LatencyPolicy(_Strict):
     cold_starts: int = Field(
         default=1, ge=0, le=100, description="fresh loads timed for the first-call latency (0: not measured)"
     )
-    batch_sizes: tuple[int, ...] = Field(default=(1,), min_length=1)
+    batch_sizes: tuple[int, ...] = Field(default=(1,), min_length=1, max_length=16)
 
     @field_validator("batch_sizes")
     @classmethod
     def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(b < 1 for b in v):
-            raise ValueError("batch sizes must be >= 1")
+        if any(b < 1 or b > 65_536 for b in v):
+            raise ValueError("batch sizes must be between 1 and 65536")
         return v
 
 
 class AccuracyControlPolicy(_Strict):
     """Settings of accuracy-aware recipes (OpenVINO's ``int8-accuracy-control``); the allowed drop is the gate's."""
 
-    time_budget_s: float = Field(default=600.0, gt=0.0, description="Wall-clock limit; the recipe fails past it")
-    samples: int | None = Field(default=300, ge=1, description="Evaluation samples the recipe validates on")
+    time_budget_s: float = Field(
+        default=600.0, gt=0.0, le=1e6, description="Wall-clock limit; the recipe fails past it"
+    )
+    samples: int | None = Field(
+        default=300, ge=1, le=100_000_000, description="Evaluation samples the recipe validates on"
+    )
 
 
 class SearchPolicy(_Strict):
@@ -141,7 +151,7 @@ class HardwareRequirements(_Strict):
     arch: str | None = Field(default=None, description="machine architecture, e.g. x86_64")
     cpu: str | None = Field(default=None, description="glob on the CPU model name, e.g. '*Xeon*'")
     isa: tuple[str, ...] = Field(default=(), description="ISA flags the CPU must have, e.g. [avx512_vnni]")
-    min_cores: int | None = Field(default=None, ge=1)
+    min_cores: int | None = Field(default=None, ge=1, le=100_000)
     gpu: str | None = Field(default=None, description="glob on an NVIDIA GPU name, e.g. '*H100*'; '*' = any GPU")
 
     @field_validator("isa")
@@ -158,7 +168,19 @@ class TargetPolicy(_Strict):
 
     pool: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="Prefect work pool of the target's workers")
     requires: HardwareRequirements = HardwareRequirements()
-    timeout_s: float = Field(default=3600.0, gt=0.0, description="Longest wait for the step, queueing included")
+    timeout_s: float = Field(
+        default=3600.0, gt=0.0, le=7 * 86_400, description="Longest wait for the step, queueing included"
+    )
+
+
+class IntakePolicy(_Strict):
+    """What a registered model may do when it is loaded (README, "Trust model")."""
+
+    allow_pickle: bool = Field(
+        default=False,
+        description="Load pickled pytorch/sklearn models (they run code on load), in a separate process without "
+        "the worker's credentials; refused by default",
+    )
 
 
 class Policy(_Strict):
@@ -170,6 +192,7 @@ class Policy(_Strict):
     accuracy_control: AccuracyControlPolicy = AccuracyControlPolicy()
     registry: RegistryPolicy = RegistryPolicy()
     search: SearchPolicy = SearchPolicy()
+    intake: IntakePolicy = IntakePolicy()
     recipe_options: dict[str, dict[str, RecipeSetting]] = Field(
         default_factory=dict,
         description="Per 'backend/recipe': settings that override the recipe's own (the recipe hash follows them)",
@@ -200,6 +223,11 @@ class Policy(_Strict):
             del data["targets"]  # policies without targets keep the hashes they had before targets existed
         if not data["recipe_options"]:
             del data["recipe_options"]
+        # Settings added later leave the hash of a policy that keeps their default as it was.
+        if data["intake"] == IntakePolicy().model_dump(mode="json"):
+            del data["intake"]
+        if not data["data"]["allow_non_finite"]:
+            del data["data"]["allow_non_finite"]
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -233,16 +261,46 @@ def validation_message(kind: str, source: str, exc: ValidationError) -> str:
     return f"invalid {kind} {source}: {where}: {msg}{more}"
 
 
+MAX_FILE_BYTES = 1_048_576
+MAX_DEPTH = 32
+
+
 def read_yaml(path: Path, kind: str) -> object:
-    """The parsed file; a missing file or bad YAML is a ``PolicyError`` naming the line."""
+    """The parsed file; a missing, binary, huge or too deeply nested file, or bad YAML, is a ``PolicyError``."""
     if not path.is_file():
         raise PolicyError(f"{kind} file not found: {path}")
     try:
-        return yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{kind} file {path} cannot be read: {exc.strerror}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise PolicyError(f"invalid {kind} {path.name}: larger than {MAX_FILE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PolicyError(f"invalid {kind} {path.name}: not UTF-8 text (a binary file?)") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise PolicyError(f"invalid {kind} {path.name}: not valid YAML{where}") from None
+    except RecursionError:
+        raise PolicyError(f"invalid {kind} {path.name}: nested more than {MAX_DEPTH} levels deep") from None
+    if _depth(data) > MAX_DEPTH:
+        raise PolicyError(f"invalid {kind} {path.name}: nested more than {MAX_DEPTH} levels deep")
+    return data
+
+
+def _depth(value: object, level: int = 0) -> int:
+    """How deeply ``value`` nests (stops counting past ``MAX_DEPTH``, so a shared YAML alias is never expanded)."""
+    if level > MAX_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level + 1)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level + 1)
+    return level
 
 
 def parse_policy(data: object, source: str = "<policy>") -> Policy:
@@ -250,6 +308,8 @@ def parse_policy(data: object, source: str = "<policy>") -> Policy:
         data = {}
     if not isinstance(data, dict):
         raise PolicyError(f"invalid policy {source}: expected a mapping at the top level")
+    if _depth(data) > MAX_DEPTH:
+        raise PolicyError(f"invalid policy {source}: nested more than {MAX_DEPTH} levels deep")
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:

@@ -9,6 +9,7 @@ from typing import Any
 from quantgate.gate import Check, Verdict
 from quantgate.hardware import Hardware
 from quantgate.plugins.base import Recipe
+from quantgate.redact import redact_data
 from quantgate.registry import SourceVersion
 
 # Metrics every candidate reports in the JSON document's short form, in this order.
@@ -76,12 +77,16 @@ class CandidateResult:
 
     def to_record(self) -> dict[str, object]:
         """Everything needed to rebuild this result in another process (a child run's ``report.json``)."""
-        return self.to_dict() | {
-            "precision": self.recipe.precision,
-            "details": self.details,
-            "hardware": self.hardware.as_dict(),
-            "logged_model_uri": self.logged_model_uri,
-        }
+        record: dict[str, object] = redact_data(
+            self.to_dict()
+            | {
+                "precision": self.recipe.precision,
+                "details": self.details,
+                "hardware": self.hardware.as_dict(),
+                "logged_model_uri": self.logged_model_uri,
+            }
+        )
+        return record
 
     @classmethod
     def from_record(cls, d: dict[str, Any]) -> CandidateResult:
@@ -141,17 +146,21 @@ class CompressionResult:
         return notes
 
     def to_document(self) -> dict[str, object]:
-        return {
-            "source": {"name": self.source.name, "version": self.source.version, "uri": self.source.uri},
-            "flavor": self.flavor,
-            "policy_hash": self.policy_hash,
-            "outcome": "promoted" if self.promoted else "none_passed",
-            "promoted_uri": self.promoted_uri,
-            "candidates": [c.to_dict() for c in self.candidates],
-            "hardware": self.hardware.as_dict(),
-            "host_notes": self.host_notes,
-            "experiment": self.experiment,
-            "parent_run_id": self.parent_run_id,
-            "tracking_uri": self.tracking_uri,
-            "timings_s": self.timings,
-        }
+        """The result as JSON-ready data, credentials in any URI or message masked (it is printed and logged)."""
+        doc: dict[str, object] = redact_data(
+            {
+                "source": {"name": self.source.name, "version": self.source.version, "uri": self.source.uri},
+                "flavor": self.flavor,
+                "policy_hash": self.policy_hash,
+                "outcome": "promoted" if self.promoted else "none_passed",
+                "promoted_uri": self.promoted_uri,
+                "candidates": [c.to_dict() for c in self.candidates],
+                "hardware": self.hardware.as_dict(),
+                "host_notes": self.host_notes,
+                "experiment": self.experiment,
+                "parent_run_id": self.parent_run_id,
+                "tracking_uri": self.tracking_uri,
+                "timings_s": self.timings,
+            }
+        )
+        return doc

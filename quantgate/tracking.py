@@ -1,21 +1,25 @@
 """Record a compression in MLflow: a parent run, one child run per candidate, registered versions, tags.
 
-Registration is all or nothing: versions created by this call are deleted again if a later step fails.
+Registration is all or nothing (quantgate.registration): versions, alias, the parent's result and the source tags
+are one unit, undone on any failure before its last write, and by the next run when the process died mid-way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from quantgate import plots, registry, report, serving, targets
+from quantgate import faults, plots, processes, registration, registry, report, serving, targets
 from quantgate.errors import RegistrationError
 from quantgate.hardware import Hardware, backend_versions
 from quantgate.model import ModelInfo
 from quantgate.policy import Policy
+from quantgate.redact import redact, redact_data
 from quantgate.registry import TAG
 from quantgate.result import CandidateResult, CompressionResult
 
@@ -35,7 +39,7 @@ def _log_json(client: Any, run_id: str, name: str, payload: object) -> None:
     folder, _, base = name.rpartition("/")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / base
-        path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+        path.write_text(json.dumps(redact_data(payload), indent=2, sort_keys=True, default=str))
         client.log_artifact(run_id, str(path), folder or None)
 
 
@@ -123,14 +127,18 @@ def start_parent(
             TAG + "source_version": source.version,
             TAG + "policy_hash": policy_hash,
             TAG + "hardware": hardware.fingerprint(),
+            # Set with the run, not after it: a concurrent run must never see it RUNNING without an owner.
+            registration.OWNER: processes.me().to_json(),
+            registration.HEARTBEAT: f"{time.time():.0f}",
         },
     )
     parent_id = str(parent.info.run_id)
+    faults.point("parent_created")
     try:
         client.log_param(parent_id, "source_uri", source.uri)
         client.log_param(parent_id, "policy_hash", policy_hash)
         for role, uri in data_uris.items():
-            client.log_param(parent_id, f"data.{role}", uri)
+            client.log_param(parent_id, f"data.{role}", redact(uri))
     except BaseException:
         client.set_terminated(parent_id, "FAILED")
         raise
@@ -170,44 +178,118 @@ def record(
     model: ModelInfo,
     data_uris: dict[str, str],
     parent_id: str | None = None,
+    lock: registration.Lock | None = None,
 ) -> None:
-    """Log every candidate, register the passing ones, alias the winner, tag the source version.
+    """Log every candidate, then register the passing ones, alias the winner and tag the source as one unit.
 
-    ``parent_id``: the run ``start_parent`` opened (target-pool steps already logged their candidates under it).
+    ``parent_id``: the run ``start_parent`` opened (target-pool steps already logged their candidates under it). A
+    retry (Prefect retries the register task while MLflow fails) reuses the parent run and the candidate runs of the
+    first attempt. ``lock``: what serializes registrations of one source version (flows pass a Prefect lease).
     """
+    parent_id = parent_id or result.parent_run_id
     if parent_id is None:
         parent_id = start_parent(client, result.source, policy, result.hardware, data_uris)
-    exp_id = str(client.get_run(parent_id).info.experiment_id)
+    else:
+        client.update_run(parent_id, status="RUNNING")  # a retry: FAILED by the attempt before
     result.parent_run_id = parent_id
+    exp_id = str(client.get_run(parent_id).info.experiment_id)
     try:
-        to_register: list[tuple[CandidateResult, str]] = []
-        for cand in result.candidates:
-            wanted = _wants_registration(policy, cand)
-            if cand.run_id is None:
-                logged = _log_candidate(client, exp_id, parent_id, result.source.uri, cand, model, wanted)
-            else:  # logged by its step: the verdict may have changed here (the hardware check), promotion is known
-                _retag_candidate(client, cand)
-                logged = cand.logged_model_uri if wanted else None
-            if logged is not None:
-                to_register.append((cand, logged))
-        _register(client, result, policy, to_register)
-        doc = result.to_document()
-        _tag_source(client, result, parent_id, doc)
-        client.log_metric(parent_id, "candidates", len(result.candidates))
-        client.log_metric(parent_id, "passed", sum(c.passed for c in result.candidates))
-        client.set_tag(parent_id, TAG + "outcome", "promoted" if result.promoted else "none_passed")
-        client.set_tag(parent_id, TAG + "promoted_uri", result.promoted_uri or "")
-        _log_json(client, parent_id, "result.json", doc)
-        _log_json(client, parent_id, "policy.json", policy.model_dump(mode="json"))
-        try:
-            publish_report(client, parent_id, doc, policy.gate.model_dump())
-        except Exception as exc:  # review material only: the registered versions and result.json stand without it
-            log.warning("the review report could not be logged to run %s: %s", parent_id, exc)
-            client.set_tag(parent_id, TAG + "report_error", str(exc)[:500])
+        with registration.keep_alive(client, parent_id):
+            to_register = _log_candidates(client, exp_id, parent_id, result, policy, model)
+            faults.point("candidates_logged")
+            _register(client, exp_id, parent_id, result, policy, to_register, lock or registration.ProcessLock())
     except BaseException:
-        client.set_terminated(parent_id, "FAILED")
+        with contextlib.suppress(Exception):  # MLflow may be what failed; an orphan is closed by the next run
+            client.set_terminated(parent_id, "FAILED")
         raise
+    try:
+        publish_report(client, parent_id, result.to_document(), policy.gate.model_dump())
+    except Exception as exc:  # review material only: the registered versions and result.json stand without it
+        log.warning("the review report could not be logged to run %s: %s", parent_id, exc)
+        with contextlib.suppress(Exception):
+            client.set_tag(parent_id, TAG + "report_error", redact(str(exc))[:500])
+    faults.point("committed")
     client.set_terminated(parent_id, "FINISHED")
+
+
+def _log_candidates(
+    client: Any, exp_id: str, parent_id: str, result: CompressionResult, policy: Policy, model: ModelInfo
+) -> list[tuple[CandidateResult, str]]:
+    to_register: list[tuple[CandidateResult, str]] = []
+    for cand in result.candidates:
+        wanted = _wants_registration(policy, cand)
+        if cand.run_id is None:
+            logged = _log_candidate(client, exp_id, parent_id, result.source.uri, cand, model, wanted)
+        else:  # logged by its step or by an earlier attempt: the verdict may have changed here (the hardware check)
+            _retag_candidate(client, cand)
+            logged = cand.logged_model_uri if wanted else None
+        if logged is not None:
+            to_register.append((cand, logged))
+    return to_register
+
+
+def _register(
+    client: Any,
+    exp_id: str,
+    parent_id: str,
+    result: CompressionResult,
+    policy: Policy,
+    to_register: list[tuple[CandidateResult, str]],
+    lock: registration.Lock,
+) -> None:
+    """The unit: under the source version's lock, close what dead runs left, then versions, alias, the parent
+    run's result, and the source tags last. Any failure undoes it all (RegistrationError says what was undone)."""
+    source = result.source
+    dead = registration.orphans(client, exp_id, source, exclude=parent_id)
+    with lock.hold(f"{source.name}/v{source.version}", [o.journal.lease for o in dead if o.journal]) as lease:
+        for orphan in registration.orphans(client, exp_id, source, exclude=parent_id):
+            registration.reap(client, orphan, source)
+        unit = registration.Unit(client, parent_id, source, lease)
+        winner = result.promoted
+        alias = None
+        if winner is not None and _wants_registration(policy, winner):
+            alias = (registry.sibling_name(source.name, winner.backend, winner.recipe.precision), policy.registry.alias)
+        try:
+            unit.open(alias)
+            for cand, model_uri in to_register:
+                _register_one(client, unit, result, cand, model_uri)
+            if alias is not None and winner is not None and winner.registered_uri is not None:
+                unit.set_alias(alias[0], alias[1], winner.registered_uri.rpartition("/")[2])
+            doc = result.to_document()
+            _record_parent(client, parent_id, result, policy, doc)
+            faults.point("run_recorded")
+            unit.tag_source(_source_tags(result, parent_id), _source_description(_description(client, source),
+                            report.source_description_line(doc)))  # fmt: skip
+        except Exception as exc:
+            done, failed = registration.rollback(client, parent_id, unit.journal, source)
+            for cand, _ in to_register:
+                cand.registered_uri = None
+            raise RegistrationError(registration.describe_rollback(unit.journal.step, exc, done, failed)) from exc
+
+
+def _register_one(client: Any, unit: registration.Unit, result: CompressionResult, cand: CandidateResult,
+                  model_uri: str) -> None:  # fmt: skip
+    name = registry.sibling_name(result.source.name, cand.backend, cand.recipe.precision)
+    existing = registration.existing_version(client, name, result.source, cand.recipe.digest)
+    if existing is not None:
+        log.info("%s/%s already registered as %s v%s", cand.backend, cand.recipe.name, name, existing)
+        cand.registered_uri = f"models:/{name}/{existing}"
+        return
+    cand.registered_uri = None
+    text = report.summary_markdown(result.to_document(), cand.to_dict())
+    created = unit.version(name, model_uri, cand.run_id, _lineage_tags(result, cand), text)
+    version = registration.settle_duplicates(client, name, result.source, cand.recipe.digest, created)
+    unit.settled(name, created, version, cand.run_id)
+    cand.registered_uri = f"models:/{name}/{version}"
+
+
+def _record_parent(client: Any, parent_id: str, result: CompressionResult, policy: Policy, doc: dict[str, Any]) -> None:
+    client.log_metric(parent_id, "candidates", len(result.candidates))
+    client.log_metric(parent_id, "passed", sum(c.passed for c in result.candidates))
+    client.set_tag(parent_id, TAG + "outcome", "promoted" if result.promoted else "none_passed")
+    client.set_tag(parent_id, TAG + "promoted_uri", result.promoted_uri or "")
+    _log_json(client, parent_id, "result.json", doc)
+    _log_json(client, parent_id, "policy.json", policy.model_dump(mode="json"))
 
 
 def _retag_candidate(client: Any, cand: CandidateResult) -> None:
@@ -215,69 +297,6 @@ def _retag_candidate(client: Any, cand: CandidateResult) -> None:
     client.set_tag(cand.run_id, TAG + "passed", str(cand.passed).lower())
     client.set_tag(cand.run_id, TAG + "promoted", str(cand.promoted).lower())
     _log_json(client, cand.run_id, "report.json", cand.to_record())
-
-
-def _register(
-    client: Any, result: CompressionResult, policy: Policy, to_register: list[tuple[CandidateResult, str]]
-) -> None:
-    created: list[tuple[str, str]] = []
-    created_models: list[str] = []
-    try:
-        for cand, model_uri in to_register:
-            name = registry.sibling_name(result.source.name, cand.backend, cand.recipe.precision)
-            existing = registry.find_existing(client, name, result.source, cand.recipe.digest)
-            if existing is not None:
-                log.info("%s/%s already registered as %s v%s", cand.backend, cand.recipe.name, name, existing)
-                cand.registered_uri = f"models:/{name}/{existing}"
-                continue
-            if not _registered_model_exists(client, name):
-                client.create_registered_model(name, tags={registry.MANAGED_TAG: "true"})
-                created_models.append(name)
-            mv = client.create_model_version(
-                name,
-                model_uri,
-                run_id=cand.run_id,
-                tags=_lineage_tags(result, cand),
-                description=report.summary_markdown(result.to_document(), cand.to_dict()),
-                model_id=model_uri.removeprefix("models:/"),
-            )
-            created.append((name, str(mv.version)))
-            cand.registered_uri = f"models:/{name}/{mv.version}"
-        winner = result.promoted
-        if winner is not None and winner.registered_uri is not None:
-            name, _, version = winner.registered_uri.removeprefix("models:/").rpartition("/")
-            client.set_registered_model_alias(name, policy.registry.alias, version)
-    except Exception as exc:
-        _rollback(client, created, created_models)
-        for cand, _ in to_register:
-            cand.registered_uri = None
-        raise RegistrationError(f"registration failed and was rolled back: {exc}") from exc
-
-
-def _registered_model_exists(client: Any, name: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException as exc:
-        if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
-            return False
-        raise
-    return True
-
-
-def _rollback(client: Any, created: list[tuple[str, str]], created_models: list[str]) -> None:
-    """Delete what this call registered, newest first; models it created go too."""
-    for name, version in reversed(created):
-        try:
-            client.delete_model_version(name, version)
-        except Exception as exc:  # best effort: report what is left, keep unwinding the rest
-            log.error("could not roll back %s v%s: %s", name, version, exc)
-    for name in created_models:
-        try:
-            client.delete_registered_model(name)
-        except Exception as exc:
-            log.error("could not roll back registered model %s: %s", name, exc)
 
 
 REPORT_FILES = (
@@ -317,7 +336,7 @@ def _source_description(current: str | None, line: str) -> str:
     return "\n\n".join(part for part in ("\n".join(kept), line) if part)
 
 
-def _tag_source(client: Any, result: CompressionResult, parent_id: str, doc: dict[str, Any]) -> None:
+def _source_tags(result: CompressionResult, parent_id: str) -> dict[str, str]:
     winner = result.promoted
     if winner is not None:
         summary = (
@@ -326,7 +345,7 @@ def _tag_source(client: Any, result: CompressionResult, parent_id: str, doc: dic
         )
     else:
         summary = f"no candidate passed the gate ({len(result.candidates)} tried)"
-    tags = {
+    return {
         TAG + "outcome": "promoted" if winner else "none_passed",
         TAG + "summary": summary,
         TAG + "compressed_uri": winner.registered_uri if winner and winner.registered_uri else "",
@@ -334,15 +353,15 @@ def _tag_source(client: Any, result: CompressionResult, parent_id: str, doc: dic
         TAG + "policy_hash": result.policy_hash,
         TAG + "backend_versions": json.dumps(backend_versions(), sort_keys=True),
     }
-    for key, value in tags.items():
-        client.set_model_version_tag(result.source.name, result.source.version, key, value)
-    current = client.get_model_version(result.source.name, result.source.version).description
-    line = report.source_description_line(doc)
-    client.update_model_version(result.source.name, result.source.version, _source_description(current, line))
 
 
-def tag_failure(client: Any, source: registry.SourceVersion, reason: str) -> None:
-    """A run that could not start compressing says why on the source version (never a silent skip)."""
-    tags = {TAG + "outcome": "failed", TAG + "summary": reason[:5000]}
+def _description(client: Any, source: registry.SourceVersion) -> str | None:
+    return client.get_model_version(source.name, source.version).description  # type: ignore[no-any-return]
+
+
+def tag_failure(client: Any, source: registry.SourceVersion, reason: str, kind: str = "input") -> None:
+    """A run that failed says why on the source version (never a silent skip); ``kind`` tells the nightly pass
+    whether to retry it (infrastructure, internal) or wait for the input to change (input)."""
+    tags = {TAG + "summary": redact(reason)[:5000], TAG + "failure": kind, TAG + "outcome": "failed"}
     for key, value in tags.items():
         client.set_model_version_tag(source.name, source.version, key, value)

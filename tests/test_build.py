@@ -5,7 +5,7 @@ import time
 import pytest
 
 from quantgate.build import BuildTimeout, BuildWorker
-from quantgate.errors import BackendError
+from quantgate.errors import BackendError, InfrastructureError
 
 
 def test_the_budget_stops_a_step_that_runs_long_and_the_worker_comes_back() -> None:
@@ -22,8 +22,33 @@ def test_a_failing_build_is_the_recipes_failure_and_a_crash_is_not() -> None:
     with BuildWorker() as worker:
         with pytest.raises(BackendError, match="not an int"):
             worker.call(_backend_error, "not an int", 60, what="bad")
-        with pytest.raises(RuntimeError, match="crashed: ZeroDivisionError"):
+        with pytest.raises(InfrastructureError, match="crashed: ZeroDivisionError"):
             worker.call(_divide, 0, 60, what="crash")
+
+
+def test_a_build_process_that_dies_or_runs_out_of_disk_is_an_infrastructure_failure_not_a_verdict() -> None:
+    with BuildWorker() as worker:
+        with pytest.raises(InfrastructureError, match=r"the build process died \(exit status -9\)"):
+            worker.call(_die, 0, 60, what="killed")
+        with pytest.raises(InfrastructureError, match="No space left on device"):
+            worker.call(_disk_full, 0, 60, what="full")
+        assert worker.call(abs, -5, 60, what="after") == 5
+
+
+def _die(_: int) -> None:
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _disk_full(_: int) -> None:
+    import errno
+
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device", "/tmp/calibration.onnx")
+    except OSError as exc:
+        raise BackendError("int8-static failed: cannot write the model") from exc
 
 
 def _backend_error(message: str) -> None:

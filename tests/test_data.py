@@ -392,3 +392,38 @@ def test_resolve_runs_uri_downloads_the_artifact(mlflow_store: Path) -> None:
     assert "\n" not in str(info.value)
     with pytest.raises(DataError, match=r"^cannot download evaluation data runs:/0123456789abcdef/x\.npz: "):
         resolve_data_uri("runs:/0123456789abcdef/x.npz", work, role="evaluation")
+
+
+# --- values no metric survives -----------------------------------------------------------------
+
+
+def _check_values(path: Path, **kwargs: object) -> None:
+    from quantgate.data import check_values
+
+    settings: dict[str, object] = {"role": "evaluation", "limit": None, "n_classes": 10, "allow_non_finite": False}
+    check_values(NpzDataset.open(path), **(settings | kwargs))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_inputs_are_refused_unless_allowed(tmp_path: Path, bad: float) -> None:
+    arrays = _arrays()
+    arrays["x"][5, 0, 1, 1] = bad
+    arrays["x"][30, 0, 2, 2] = bad
+    path = _write(tmp_path, arrays)
+    with pytest.raises(DataError, match=r"evaluation data has NaN or Inf in 'x' \(2 values\).*allow_non_finite"):
+        _check_values(path)
+    _check_values(path, allow_non_finite=True)
+    _check_values(path, limit=5)  # only the samples the run uses are checked
+
+
+@pytest.mark.parametrize(
+    ("labels", "shown"), [((3, 1000), "from 0 to 1000"), ((-5, 2), "from -5 to"), ((0, 10), "from 0 to 10")]
+)
+def test_labels_must_be_class_indices_of_the_model(tmp_path: Path, labels: tuple[int, int], shown: str) -> None:
+    arrays = _arrays()
+    arrays["labels"][:2] = labels
+    arrays["labels"][arrays["labels"] < 0] = -5
+    path = _write(tmp_path, arrays)
+    with pytest.raises(DataError, match=rf"'labels' range {shown}.*the model outputs 10 classes"):
+        _check_values(path)
+    _check_values(_write(tmp_path, _arrays(), name="ok.npz"))

@@ -14,14 +14,23 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from quantgate.errors import PolicyError
-from quantgate.policy import Policy, TargetPolicy, load_policy, parse_policy, read_yaml, validation_message
+from quantgate.policy import (
+    IntakePolicy,
+    Policy,
+    TargetPolicy,
+    load_policy,
+    parse_policy,
+    read_yaml,
+    validation_message,
+)
+from quantgate.redact import redact
 
 DATA_TAGS = ("quantgate.calibration", "quantgate.evaluation")
 MANAGED_TAG = "quantgate.managed"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class NightlyConfig(_Strict):
@@ -46,6 +55,10 @@ class Rule(_Strict):
     aliases: tuple[str, ...] = Field(default=(), description="or: the version must carry one of these aliases")
     require_data_tags: bool = True
     policy: str | dict[str, Any] | None = None
+    allow_pickle: bool = Field(
+        default=False,
+        description="load pickled models of this rule (they run code on load) in the isolated intake process",
+    )
 
     def matches(self, name: str, tags: Mapping[str, str], aliases: tuple[str, ...]) -> bool:
         if not fnmatch.fnmatchcase(name, self.name):
@@ -71,6 +84,8 @@ class AutomationConfig(_Strict):
             rule.model_copy(update={"policy": self.policy_for(rule).model_dump(mode="json")}) for rule in self.rules
         ]
         data: dict[str, Any] = self.model_copy(update={"rules": tuple(rules)}).model_dump(mode="json")
+        if data["tracking_uri"]:
+            data["tracking_uri"] = redact(data["tracking_uri"])  # a deployment parameter: Prefect stores it
         return data
 
     def target_pools(self) -> dict[str, list[TargetPolicy]]:
@@ -85,12 +100,21 @@ class AutomationConfig(_Strict):
         return self.step_pools[pool].concurrency_limit if pool in self.step_pools else 1
 
     def policy_for(self, rule: Rule) -> Policy:
+        """The rule's policy, with ``intake.allow_pickle`` from the rule: automatic runs refuse pickle unless the
+        automation config (the operator's file, not a policy a model owner may write) allows it for the rule."""
         if rule.policy is None:
-            return Policy()
-        if isinstance(rule.policy, dict):
-            return parse_policy(rule.policy, "(inline policy in the automation config)")
-        path = Path(rule.policy)
-        return load_policy(path if path.is_absolute() else self.base_dir / path)
+            policy = Policy()
+        elif isinstance(rule.policy, dict):
+            policy = parse_policy(rule.policy, "(inline policy in the automation config)")
+        else:
+            path = Path(rule.policy)
+            policy = load_policy(path if path.is_absolute() else self.base_dir / path)
+        if policy.intake.allow_pickle and not rule.allow_pickle:
+            raise PolicyError(
+                f"rule name={rule.name!r}: its policy sets intake.allow_pickle, which automatic runs take only from "
+                "the rule: set allow_pickle: true on the rule itself"
+            )
+        return policy.model_copy(update={"intake": IntakePolicy(allow_pickle=rule.allow_pickle)})
 
 
 def load_config(path: Path | None) -> AutomationConfig:

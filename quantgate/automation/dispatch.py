@@ -18,7 +18,7 @@ from typing import Any
 from quantgate.automation.config import DATA_TAGS, AutomationConfig, Rule, select
 from quantgate.hardware import backend_versions
 from quantgate.policy import Policy
-from quantgate.registry import all_pages
+from quantgate.registry import all_pages, flow_tracking_uri
 
 log = logging.getLogger("quantgate.automation")
 
@@ -66,25 +66,42 @@ class Decision:
     key: str | None = None
 
 
+# Flow-run states after which the same key would only return the dead run: a retry needs a key of its own.
+RETRYABLE_STATES = ("FAILED", "CRASHED", "CANCELLED")
+MAX_ATTEMPTS = 20
+
+
 def trigger(info: VersionInfo, rule: Rule, config: AutomationConfig, tracking_uri: str) -> tuple[str, str]:
-    """Create (or find, by idempotency key) the compress-model flow run for this version; returns (id, key)."""
+    """Create (or find, by idempotency key) the compress-model flow run for this version; returns (id, key).
+
+    Prefect returns the existing run for a key it has seen, whatever its state. A run that ended FAILED, CRASHED
+    (a killed worker) or CANCELLED is retried under the next key (``<key>-r2``, ...) unless the version says its
+    input was at fault (``quantgate.failure=input``: a new tag or version makes a new key anyway).
+    """
     from prefect.deployments import run_deployment
 
     policy = config.policy_for(rule)
-    key = idempotency_key(info, policy, backend_versions())
-    flow_run: Any = run_deployment(
-        COMPRESS_DEPLOYMENT,
-        parameters={
-            "model_uri": info.uri,
-            "policy": policy.model_dump(mode="json"),
-            "tracking_uri": tracking_uri,
-            "tag_failures": True,  # nobody watches an automatic run: a failure to start is written on the version
-        },
-        idempotency_key=key,
-        timeout=0,  # hand off and return: the worker runs it
-        as_subflow=False,
-        tags=["quantgate", "automation"],
-    )
+    base = idempotency_key(info, policy, backend_versions())
+    retry = info.tags.get("quantgate.failure") != "input"
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        key = base if attempt == 1 else f"{base}-r{attempt}"
+        flow_run: Any = run_deployment(
+            COMPRESS_DEPLOYMENT,
+            parameters={
+                "model_uri": info.uri,
+                "policy": policy.model_dump(mode="json"),
+                "tracking_uri": flow_tracking_uri(tracking_uri),  # credentials stay in the worker's environment
+                "tag_failures": True,  # nobody watches an automatic run: a failure is written on the version
+            },
+            idempotency_key=key,
+            timeout=0,  # hand off and return: the worker runs it
+            as_subflow=False,
+            tags=["quantgate", "automation"],
+        )
+        state = flow_run.state.type.value if flow_run.state is not None else "SCHEDULED"
+        if not retry or state not in RETRYABLE_STATES:
+            return str(flow_run.id), key
+        log.info("%s: flow run %s ended %s; retrying under a new key", info.uri, flow_run.id, state)
     return str(flow_run.id), key
 
 

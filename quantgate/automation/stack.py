@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantgate import processes
 from quantgate.errors import QuantgateError
+from quantgate.files import private_dir, private_file, write_secret
 
 STATE = "state.json"
 
@@ -77,6 +79,7 @@ class StackSettings:
 class StackState:
     processes: dict[str, int] = field(default_factory=dict)  # name -> pid (= process group id)
     urls: dict[str, str] = field(default_factory=dict)
+    started: dict[str, float] = field(default_factory=dict)  # name -> the process's start time: its identity
 
 
 class StackError(QuantgateError):
@@ -88,10 +91,7 @@ def _bin(name: str) -> str:
 
 
 def _secret(path: Path, make: str) -> str:
-    if not path.exists():
-        path.write_text(make)
-        path.chmod(0o600)
-    return path.read_text().strip()
+    return write_secret(path, make)  # 0600 from the first byte, never written and then chmod-ed
 
 
 @contextlib.contextmanager
@@ -141,9 +141,12 @@ def _base_env(settings: StackSettings) -> dict[str, str]:
 
 def _start(settings: StackSettings, state: StackState, name: str, argv: list[str], env: dict[str, str]) -> None:
     log = settings.home / f"{name}.log"
-    with open(log, "ab") as out:
+    with open(private_file(log), "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     state.processes[name] = proc.pid
+    owner = processes.of(proc.pid)
+    if owner is not None:
+        state.started[name] = owner.started
     _save(settings, state)
 
 
@@ -193,7 +196,7 @@ def _alive(pid: int) -> bool:
 
 
 def _save(settings: StackSettings, state: StackState) -> None:
-    (settings.home / STATE).write_text(json.dumps(asdict(state), indent=2))
+    private_file(settings.home / STATE).write_text(json.dumps(asdict(state), indent=2))
 
 
 def load_state(settings: StackSettings) -> StackState | None:
@@ -201,7 +204,9 @@ def load_state(settings: StackSettings) -> StackState | None:
     if not path.exists():
         return None
     raw = json.loads(path.read_text())
-    return StackState(processes=dict(raw.get("processes", {})), urls=dict(raw.get("urls", {})))
+    return StackState(
+        processes=dict(raw.get("processes", {})), urls=dict(raw.get("urls", {})), started=dict(raw.get("started", {}))
+    )
 
 
 def start_mlflow(settings: StackSettings, state: StackState) -> None:
@@ -229,9 +234,9 @@ def _fernet_key() -> str:
 
 def up(settings: StackSettings) -> StackState:
     """Start everything (or find it running) and return where it answers."""
-    settings.home.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.home)
     running = load_state(settings)
-    if running is not None and running.processes and all(_alive(p) for p in running.processes.values()):
+    if running is not None and running.processes and all(_ours(running, n) for n in running.processes):
         return running
     if running is not None:
         down(settings)
@@ -303,7 +308,11 @@ def stop_process(settings: StackSettings, name: str) -> None:
     state = load_state(settings)
     if state is None or name not in state.processes:
         raise StackError(f"no {name} is running under {settings.home}")
-    stop(StackState(processes={name: state.processes[name]}))
+    stop(_only(state, name))
+
+
+def _only(state: StackState, name: str) -> StackState:
+    return StackState(processes={name: state.processes[name]}, started={name: state.started.get(name, -1.0)})
 
 
 def restart_bridge(settings: StackSettings) -> None:
@@ -318,7 +327,7 @@ def restart_mlflow(settings: StackSettings) -> None:
     state = load_state(settings)
     if state is None or "mlflow" not in state.processes:
         raise StackError(f"no stack is running under {settings.home}")
-    stop(StackState(processes={"mlflow": state.processes["mlflow"]}))
+    stop(_only(state, "mlflow"))
     start_mlflow(settings, state)
     _wait(settings, state, "mlflow", settings.mlflow_url + "/health")
 
@@ -335,9 +344,28 @@ def _worker_pools(settings: StackSettings) -> dict[str, str]:
     return out
 
 
-def stop(state: StackState) -> None:
-    """SIGTERM each process group, newest first; SIGKILL what is still there after 20 s."""
-    for pid in reversed(list(state.processes.values())):
+def _ours(state: StackState, name: str) -> bool:
+    """Whether the process recorded as ``name`` is still the one ``up`` started: same pid, same start time, and
+    still leading its own process group (a reused pid is another program, never to be signalled)."""
+    pid = state.processes[name]
+    owner = processes.of(pid)
+    if owner is None or state.started.get(name) != owner.started:
+        return False
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
+def stop(state: StackState) -> list[str]:
+    """SIGTERM each process group ``up`` started, newest first; SIGKILL what is still there after 20 s. A pid that
+    now belongs to another process (ours exited, the kernel reused it) is left alone; returns those names."""
+    skipped = []
+    for name in reversed(list(state.processes)):
+        pid = state.processes[name]
+        if not _ours(state, name):
+            skipped.append(name)
+            continue
         try:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -350,6 +378,7 @@ def stop(state: StackState) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
             _reap(pid)
+    return skipped
 
 
 def _reap(pid: int) -> None:
@@ -359,9 +388,10 @@ def _reap(pid: int) -> None:
 
 
 def down(settings: StackSettings) -> list[str]:
+    """Stop the stack's processes; returns the names of those stopped (not those already gone or not ours)."""
     state = load_state(settings)
     if state is None:
         return []
-    stop(state)
+    skipped = stop(state)
     (settings.home / STATE).unlink(missing_ok=True)
-    return list(state.processes)
+    return [name for name in state.processes if name not in skipped]

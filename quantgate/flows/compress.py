@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-import tempfile
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -15,8 +16,9 @@ from prefect.cache_policies import NO_CACHE
 from quantgate import pipeline, registry, report, search, targets, tracking
 from quantgate.build import BuildWorker
 from quantgate.cache import CandidateCache, RunKey
-from quantgate.errors import BackendError, DataError, TrackingUnavailable
+from quantgate.errors import BackendError, InfrastructureError, InputError, infrastructure_cause
 from quantgate.flows import dispatch
+from quantgate.flows.locks import PrefectLock
 from quantgate.hardware import Hardware, detect
 from quantgate.model import ModelInfo
 from quantgate.pipeline import Baseline, DataSets, Intake, PlannedRecipe
@@ -25,6 +27,7 @@ from quantgate.policy import Policy, parse_policy
 from quantgate.result import CandidateResult, CompressionResult
 from quantgate.validators.base import Validator, load_validators
 from quantgate.validators.latency import REFERENCE_BACKEND
+from quantgate.workdir import run_workdir
 
 log = logging.getLogger("quantgate")
 
@@ -33,21 +36,22 @@ log = logging.getLogger("quantgate")
 
 
 def _tracking_unreachable(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry a step only while the tracking server is unreachable (e.g. restarting); bad input fails at once."""
+    """Retry a step only while the tracking server is unreachable or failing (restarting, answering 5xx); bad input
+    fails at once."""
     try:
         state.result()
-    except TrackingUnavailable:
-        return True
     except Exception as exc:  # MLflow wraps connection failures in MlflowException after its own retries
-        text = str(exc)
-        return any(
-            s in text for s in ("Max retries exceeded", "Connection refused", "Connection aborted", "502", "503")
-        )
+        return registry.is_outage(exc)
     return False
 
 
-# Steps that talk to MLflow survive a tracking-server restart of up to about a minute.
-MLFLOW_RETRY: dict[str, Any] = {"retries": 4, "retry_delay_seconds": 15, "retry_condition_fn": _tracking_unreachable}
+# Steps that talk to MLflow survive a tracking-server restart of up to about a minute (the delay is an environment
+# setting so the fault suite can ride out its outages in seconds).
+MLFLOW_RETRY: dict[str, Any] = {
+    "retries": 4,
+    "retry_delay_seconds": float(os.environ.get("QUANTGATE_MLFLOW_RETRY_DELAY_S", 15)),
+    "retry_condition_fn": _tracking_unreachable,
+}
 
 
 @task(name="resolve", cache_policy=NO_CACHE, persist_result=False, **MLFLOW_RETRY)
@@ -57,8 +61,8 @@ def resolve_task(model_uri: str, tracking_uri: str) -> registry.SourceVersion:
 
 
 @task(name="intake", cache_policy=NO_CACHE, persist_result=False, **MLFLOW_RETRY)
-def intake_task(source: registry.SourceVersion, workdir: Path) -> Intake:
-    return pipeline.intake(source, workdir)
+def intake_task(source: registry.SourceVersion, workdir: Path, allow_pickle: bool = False) -> Intake:
+    return pipeline.intake(source, workdir, allow_pickle=allow_pickle)
 
 
 @task(name="load-data", cache_policy=NO_CACHE, persist_result=False)
@@ -123,7 +127,7 @@ def register_task(
 ) -> None:
     client = registry.connect(tracking_uri)
     uris = {"calibration": data.calibration_uri, "evaluation": data.evaluation_uri}
-    tracking.record(client, result, policy, model, uris, parent_id)
+    tracking.record(client, result, policy, model, uris, parent_id, PrefectLock())
 
 
 @task(name="publish", cache_policy=NO_CACHE, persist_result=False)
@@ -340,7 +344,7 @@ def _start_steps(
         parameters = {
             "model_uri": source.uri,
             "policy": pinned,
-            "tracking_uri": tracking_uri,
+            "tracking_uri": registry.flow_tracking_uri(tracking_uri),
             "parent_run_id": parent_id,
             "pool": pool,
             "backends": list(backends),
@@ -349,13 +353,8 @@ def _start_steps(
     return out
 
 
-def run_compression(
-    model_uri: str, policy: Policy, tracking_uri: str, workdir: Path, *, tag_failures: bool = False
-) -> CompressionResult:
+def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: Path) -> CompressionResult:
     """The body of the flow, callable inside any flow run.
-
-    ``tag_failures``: automatic runs (webhook, nightly) have nobody watching, so a run that cannot start for lack
-    of usable data says why on the source version; an interactive run reports it and leaves the version as it was.
 
     Backends with a target pool (``policy.targets``) other than the pool this run is in are compressed and measured
     by a step flow run in their pool, started before the local candidates and gated here with them.
@@ -363,14 +362,9 @@ def run_compression(
     clock = Clock()
     source = resolve_task(model_uri, tracking_uri)
     clock.lap("resolve")
-    taken = intake_task(source, workdir)
+    taken = intake_task(source, workdir, policy.intake.allow_pickle)
     clock.lap("intake")
-    try:
-        data = data_task(policy, source, taken.model, workdir)
-    except DataError as exc:
-        if tag_failures:
-            tracking.tag_failure(registry.connect(tracking_uri), source, str(exc))
-        raise
+    data = data_task(policy, source, taken.model, workdir)
     hardware = detect()
     planned = pipeline.plan(policy, taken.model)
     validators = load_validators()  # entry points are read once per run, not once per candidate
@@ -449,10 +443,51 @@ def compress_model(
     """Compress one registered model version and register what passes the gate.
 
     ``policy`` is the policy file's content as a mapping (so a deployment can carry it as a parameter);
-    ``tag_failures`` writes why a run could not start on the source version (automatic runs set it).
+    ``tracking_uri`` has its credentials masked (they come from ``MLFLOW_TRACKING_URI``: Prefect stores parameters);
+    ``tag_failures``: automatic runs have nobody watching, so a run that fails says why on the source version
+    (``quantgate.outcome=failed``, ``quantgate.failure`` = input, infrastructure or internal) for the nightly pass.
     """
     parsed = parse_policy(policy or {})
-    uri = tracking_uri or registry.default_tracking_uri()
-    with tempfile.TemporaryDirectory(prefix="quantgate-") as tmp:
-        result = run_compression(model_uri, parsed, uri, Path(tmp), tag_failures=tag_failures)
-    return result.to_document()
+    uri = registry.resolve_tracking_uri(tracking_uri)
+    try:
+        with run_workdir() as tmp:
+            return run_compression(model_uri, parsed, uri, tmp).to_document()
+    except BaseException as exc:
+        failure = classify(exc)
+        if tag_failures:
+            _tag_failed(uri, model_uri, failure)
+        if failure.error is not exc:
+            raise failure.error from exc
+        raise
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: str  # "input" (not retried until the input changes), "infrastructure" or "internal" (retried nightly)
+    reason: str
+    error: BaseException  # what the run raises: the original, or an InfrastructureError naming the outage
+
+
+def classify(exc: BaseException) -> Failure:
+    """Which kind of failure ended a run: only a measured gate failure is a verdict, and that is no exception."""
+    if isinstance(exc, InputError):
+        return Failure("input", str(exc), exc)
+    if isinstance(exc, InfrastructureError):
+        return Failure("infrastructure", str(exc), exc)
+    if isinstance(exc, KeyboardInterrupt | SystemExit):
+        return Failure("infrastructure", "the run was interrupted (SIGTERM or cancelled)", exc)
+    cause = infrastructure_cause(exc) or ("MLflow is failing" if registry.is_outage(exc) else None)
+    if cause is not None:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return Failure("infrastructure", f"{cause}: {first}", InfrastructureError(f"{cause}: {first}"))
+    return Failure("internal", f"{type(exc).__name__}: {exc}", exc)
+
+
+def _tag_failed(tracking_uri: str, model_uri: str, failure: Failure) -> None:
+    """Best effort: the source version says the run failed and why; MLflow itself may be what failed."""
+    try:
+        client = registry.connect(tracking_uri)
+        source = registry.resolve(client, registry.parse_model_uri(model_uri))
+        tracking.tag_failure(client, source, failure.reason, failure.kind)
+    except Exception as exc:  # the original failure is the one to report
+        log.warning("could not record the failure on %s: %s", model_uri, exc)

@@ -19,6 +19,6 @@ def nightly(config: dict[str, Any] | None = None, tracking_uri: str | None = Non
     deployment's parameters), so the worker needs no files.
     """
     parsed = AutomationConfig.model_validate(config or {})
-    uri = tracking_uri or parsed.tracking_uri or registry.default_tracking_uri()
+    uri = registry.resolve_tracking_uri(tracking_uri or parsed.tracking_uri)
     client = registry.connect(uri)
     return [vars(d) for d in dispatch.reconcile(client, parsed, uri)]

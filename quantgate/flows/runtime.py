@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from quantgate.errors import InputError, QuantgateError
+from quantgate.files import private_dir, private_file
 from quantgate.flows._local_server import EXIT_PORT_IN_USE, HOST
 
 SERVER_MODULE = "quantgate.flows._local_server"
@@ -106,7 +107,8 @@ def _paths(home: Path | None) -> _Paths:
     if home is None:
         home = Path(os.environ.get("QUANTGATE_HOME") or Path.home() / ".quantgate")
     root = home.expanduser().resolve() / "prefect"
-    root.mkdir(parents=True, exist_ok=True)
+    private_dir(root.parent)
+    private_dir(root)
     return _Paths(root)
 
 
@@ -261,9 +263,11 @@ def _server_env(paths: _Paths, port: int) -> dict[str, str]:
     env = {
         name: value
         for name, value in os.environ.items()
-        # The managed server always uses its own database, whatever the user's shell points at.
-        if not name.startswith(("PREFECT_SERVER_DATABASE_", "PREFECT_API_DATABASE_"))
+        # The managed server always uses its own database, whatever the user's shell points at; and it has no
+        # business with MLflow's credentials.
+        if not name.startswith(("PREFECT_SERVER_DATABASE_", "PREFECT_API_DATABASE_", "MLFLOW_"))
     }
+    private_file(paths.database)  # flow-run parameters and logs live there: owner-only from the start
     for name, value in PREFECT_ENV_DEFAULTS.items():
         env.setdefault(name, value)
     env.update(

@@ -7,7 +7,6 @@ leaves ``steps/<pool>.json`` there. The parent checks the recorded hardware, gat
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from quantgate.model import ModelInfo
 from quantgate.policy import Policy, parse_policy
 from quantgate.result import CandidateResult
 from quantgate.validators.base import load_validators
+from quantgate.workdir import run_workdir
 
 
 def run_step(
@@ -38,7 +38,7 @@ def run_step(
 
     clock = Clock()
     source = resolve_task(model_uri, tracking_uri)
-    taken = intake_task(source, workdir)
+    taken = intake_task(source, workdir, policy.intake.allow_pickle)
     data = data_task(policy, source, taken.model, workdir)
     hardware = detect()
     planned = pipeline.plan(policy, taken.model, backends)
@@ -80,5 +80,6 @@ def compress_step(
     MLflow run, where the parent checks their hardware fingerprint against the target and gates them.
     """
     parsed = parse_policy(policy)
-    with tempfile.TemporaryDirectory(prefix="quantgate-step-") as tmp:
-        return run_step(model_uri, parsed, tracking_uri, parent_run_id, pool, tuple(backends), Path(tmp))
+    uri = registry.resolve_tracking_uri(tracking_uri)
+    with run_workdir() as tmp:
+        return run_step(model_uri, parsed, uri, parent_run_id, pool, tuple(backends), tmp)

@@ -81,3 +81,18 @@ def test_a_bad_target_in_a_rules_policy_is_one_clear_error(tmp_path: Path) -> No
     f.write_text(yaml.safe_dump({"rules": [{"policy": {"targets": {"tensorrt": {"pool": "nvidia-gpu"}}}}]}))
     with pytest.raises(PolicyError, match="targets name backend"):
         load_config(f)
+
+
+def test_automatic_runs_refuse_pickle_unless_the_rule_itself_allows_it(tmp_path: Path) -> None:
+    f = tmp_path / "automation.yaml"
+    f.write_text(yaml.safe_dump({"rules": [{"name": "legacy-*", "allow_pickle": True}, {"name": "*"}]}))
+    config = load_config(f)
+    allowed, default = config.rules
+    assert config.policy_for(allowed).intake.allow_pickle is True
+    assert config.policy_for(default).intake.allow_pickle is False
+    assert config.policy_for(default).digest() == AutomationConfig().policy_for(AutomationConfig().rules[0]).digest()
+    assert config.inlined()["rules"][0]["policy"]["intake"] == {"allow_pickle": True}
+
+    f.write_text(yaml.safe_dump({"rules": [{"name": "*", "policy": {"intake": {"allow_pickle": True}}}]}))
+    with pytest.raises(PolicyError, match="set allow_pickle: true on the rule itself"):
+        load_config(f)
