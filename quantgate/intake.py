@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,17 @@ def _export_pt2(path: Path, inputs: list[tuple[str, tuple[int, ...], Any]], out_
     _quiet_torch()
     try:
         program = torch.export.load(str(path))
+    except Exception as exc:  # torch.export raises many types
+        raise InvalidModel(f"cannot export the pytorch (pt2) model to ONNX: {str(exc).splitlines()[0]}") from exc
+    _export_program(program, inputs, out_names, out)
+
+
+def _export_program(
+    program: Any, inputs: list[tuple[str, tuple[int, ...], Any]], out_names: list[str], out: Path
+) -> None:
+    import torch
+
+    try:
         args = tuple(
             torch.zeros([2 if d in (-1, None) else int(d) for d in shape], dtype=_torch_dtype(dtype))
             for _, shape, dtype in inputs
@@ -146,6 +158,70 @@ def _export_pt2(path: Path, inputs: list[tuple[str, tuple[int, ...], Any]], out_
         exported.save(str(out), external_data=False)
     except Exception as exc:  # torch.export / onnxscript raise many types
         raise InvalidModel(f"cannot export the pytorch (pt2) model to ONNX: {str(exc).splitlines()[0]}") from exc
+
+
+@dataclass(frozen=True)
+class TorchSource:
+    """A pytorch model version as a torch module, with what exporting it to ONNX again needs."""
+
+    module: Any  # a torch.fx.GraphModule: the version's torch.export program, as a module
+    inputs: list[tuple[str, tuple[int, ...], Any]]  # (name, shape with -1 for dynamic, numpy dtype)
+    output_names: list[str]
+
+    def example_inputs(self, batch: int = 2) -> tuple[Any, ...]:
+        import torch
+
+        return tuple(
+            torch.zeros([batch if d in (-1, None) else int(d) for d in shape], dtype=_torch_dtype(dtype))
+            for _, shape, dtype in self.inputs
+        )
+
+
+def torch_source(model_dir: Path) -> TorchSource:
+    """The downloaded pytorch version's graph and weights as a fresh module (quantization-aware training fine-tunes
+    it); ``model_dir`` is only read. A pt2 version is its torch.export program; any other format is loaded the way
+    intake loads it for the ONNX export, then captured with torch.export."""
+    import torch
+
+    meta = _load_mlmodel(model_dir)
+    if flavor_of(model_dir) != "pytorch":
+        raise UnsupportedFlavor("quantization-aware training needs a pytorch model")
+    inputs, out_names = _tensor_inputs(meta), _output_names(meta)
+    _quiet_torch()
+    pt2 = next(iter(sorted(model_dir.glob("data/*.pt2"))), None)
+    try:
+        if pt2 is not None:
+            program = torch.export.load(str(pt2))
+        else:
+            import mlflow.pytorch
+
+            module = mlflow.pytorch.load_model(str(model_dir), map_location="cpu").eval()
+            source = TorchSource(module, inputs, out_names)
+            program = torch.export.export(module, source.example_inputs(), dynamic_shapes=_dynamic_batch(inputs))
+    except Exception as exc:  # torch.export / unpickling raise many types
+        raise InvalidModel(f"cannot load the pytorch model as a torch program: {str(exc).splitlines()[0]}") from exc
+    return TorchSource(program.module(), inputs, out_names)
+
+
+def _dynamic_batch(inputs: list[tuple[str, tuple[int, ...], Any]]) -> tuple[dict[int, Any], ...]:
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    return tuple({0: batch} if shape and shape[0] in (-1, None) else {} for _, shape, _ in inputs)
+
+
+def export_torch(source: TorchSource, module: Any, out: Path) -> ModelInfo:
+    """``module`` (``source``'s graph with other weights, e.g. fine-tuned) as ONNX, exported as intake exports
+    ``source``: same input and output names, same dynamic batch."""
+    import torch
+
+    _quiet_torch()
+    try:
+        program = torch.export.export(module, source.example_inputs(), dynamic_shapes=_dynamic_batch(source.inputs))
+    except Exception as exc:  # torch.export raises many types
+        raise InvalidModel(f"cannot export the fine-tuned model: {str(exc).splitlines()[0]}") from exc
+    _export_program(program, source.inputs, source.output_names, out)
+    return read_model_info(out)
 
 
 def _quiet_torch() -> None:

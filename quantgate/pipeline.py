@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from quantgate import gate, registry, search
+from quantgate import gate, qat, registry, search
 from quantgate.build import BuildJob, BuildTimeout, BuildWorker, build
 from quantgate.cache import CandidateCache, RunKey
 from quantgate.data import NpzDataset, resolve_data_uri
@@ -38,6 +39,7 @@ from quantgate.plugins.base import (
     Runner,
     load_backend,
     select_recipes,
+    set_build_progress,
 )
 from quantgate.policy import Policy
 from quantgate.result import CandidateResult
@@ -69,6 +71,7 @@ DATA_TAGS = {"calibration": "quantgate.calibration", "evaluation": "quantgate.ev
 class Intake:
     model: ModelInfo
     flavor: str
+    source_dir: Path | None = None  # the downloaded version (quantization-aware training reads its torch program)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class DataSets:
     evaluation: NpzDataset
     calibration_uri: str
     evaluation_uri: str
+    training: NpzDataset | None = None  # what quantization-aware training fine-tunes on (policy data.training)
+    training_uri: str = ""
 
 
 def intake(source: registry.SourceVersion, workdir: Path) -> Intake:
@@ -91,7 +96,7 @@ def intake(source: registry.SourceVersion, workdir: Path) -> Intake:
     except BackendError as exc:
         raise InvalidModel(f"{source.uri}: {exc}") from None
     log.info("intake: %s flavor, inputs %s", flavor, ", ".join(t.describe() for t in model.inputs))
-    return Intake(model, flavor)
+    return Intake(model, flavor, local)
 
 
 def _data_uri(role: str, policy: Policy, source: registry.SourceVersion) -> str:
@@ -118,7 +123,11 @@ def load_data(policy: Policy, source: registry.SourceVersion, model: ModelInfo, 
         raise PolicyError(
             "nothing to prove quality with: the evaluation data has no 'labels' array and gate.min_fidelity is not set"
         )
-    return DataSets(calib, evaluation, calib_uri, eval_uri)
+    training, training_uri = None, policy.data.training or ""
+    if training_uri:
+        training = NpzDataset.open(resolve_data_uri(training_uri, workdir / "data" / "training", role="training"))
+        training.check_against(model.inputs, role="training")
+    return DataSets(calib, evaluation, calib_uri, eval_uri, training, training_uri)
 
 
 @dataclass(frozen=True)
@@ -149,12 +158,14 @@ def plan(policy: Policy, model: ModelInfo, backends: tuple[str, ...] | None = No
             out.append(PlannedRecipe(name, None, reason))
             continue
         offered = backend.recipes(model)
-        known.update(r.name for r in offered)
-        _check_recipe_options(policy, name, offered)
+        fine_tuned = qat.offered(backend, model)  # only when named: otherwise only when PTQ cannot hold the gate
+        known.update(r.name for r in [*offered, *fine_tuned])
+        _check_recipe_options(policy, name, [*offered, *fine_tuned])
         prepare_only = not status.ok
+        named = [r for r in fine_tuned if policy.recipes is not None and r.name in policy.recipes]
         out.extend(
             PlannedRecipe(name, with_options(r, policy), reason if prepare_only else "", prepare_only)
-            for r in select_recipes(backend, model, policy.recipes)
+            for r in [*select_recipes(backend, model, policy.recipes), *named]
         )
     if policy.recipes is not None and backends is None:
         unknown = sorted(set(policy.recipes) - known)
@@ -284,6 +295,8 @@ class SearchState:
     run_key: RunKey | None = None
     index: int = 0
     total: int = 0
+    qat: qat.Context | None = None  # set when the run may fine-tune (a pytorch source)
+    listeners: list[Callable[[ProgressEvent], None]] = field(default_factory=list)
 
     @classmethod
     def for_policy(cls, policy: Policy, total: int) -> SearchState:
@@ -293,7 +306,10 @@ class SearchState:
         return cls(Budget(cfg.time_budget_s), exhaustive=False, quick_samples=cfg.quick_samples, total=total)
 
     def emit(self, stage: str, label: str) -> None:
-        report_progress(ProgressEvent(stage, self.index, self.total, label, self.budget.used, self.budget.seconds))
+        event = ProgressEvent(stage, self.index, self.total, label, self.budget.used, self.budget.seconds)
+        report_progress(event)
+        for listener in self.listeners:
+            listener(event)
 
 
 def evaluate(
@@ -365,6 +381,7 @@ def _validate(
 
     def result(metrics: dict[str, float], verdict: Verdict, details: dict[str, object], *extra: str) -> CandidateRun:
         notes = [*cand.notes, *_validator_notes(details), *extra]
+        details = {**cand.details, **details}
         return CandidateRun(
             CandidateResult(recipe, metrics, verdict, hardware, artifact=cand.artifact, notes=notes, details=details)
         )
@@ -459,10 +476,19 @@ def _build(
     tuning = base.tuning
     if tuning is not None and state.budget.seconds is not None:
         tuning = replace(tuning, time_budget_s=max(min(tuning.time_budget_s, state.budget.remaining), 1.0))
-    job = BuildJob(base.backend.name, model, recipe, calib, workdir / recipe.backend / recipe.name, tuning)
+    fine_tuning = state.qat.job(state.budget.remaining) if state.qat is not None and qat.is_qat(recipe) else None
+    job = BuildJob(base.backend.name, model, recipe, calib, workdir / recipe.backend / recipe.name, tuning, fine_tuning)
+
+    def progress(text: str) -> None:
+        state.emit("qat" if fine_tuning is not None else "build", f"{recipe.backend}/{recipe.name}: {text}")
+
     if state.worker is not None:
-        return state.worker.run(job, state.budget.remaining)
-    return build(job, base.backend)
+        return state.worker.run(job, state.budget.remaining, progress)
+    set_build_progress(progress)
+    try:
+        return build(job, base.backend)
+    finally:
+        set_build_progress(None)
 
 
 def skipped_result(recipe: Recipe, reason: str, hardware: Hardware, policy: Policy) -> CandidateResult:
