@@ -382,6 +382,7 @@ def _validate(
     def result(metrics: dict[str, float], verdict: Verdict, details: dict[str, object], *extra: str) -> CandidateRun:
         notes = [*cand.notes, *_validator_notes(details), *extra]
         details = {**cand.details, **details}
+        metrics = {**qat.metrics(cand.details), **metrics}
         return CandidateRun(
             CandidateResult(recipe, metrics, verdict, hardware, artifact=cand.artifact, notes=notes, details=details)
         )

@@ -424,6 +424,22 @@ def lineage_tags(details: dict[str, object]) -> dict[str, str]:
     }
 
 
+def metrics(details: dict[str, object]) -> dict[str, float]:
+    """A fine-tuned candidate's training figures as metrics (the JSON document, the MLflow run, the gate table)."""
+    qat = details.get("qat")
+    if not isinstance(qat, dict):
+        return {}
+    epochs = qat.get("loss_by_epoch") or [float("nan")]
+    return {
+        "qat_train_s": float(qat["train_s"]),
+        "qat_time_budget_s": float(qat["time_budget_s"]),
+        "qat_epochs": float(qat["epochs_done"]),
+        "qat_steps": float(qat["steps_done"]),
+        "qat_stopped_by_budget": float(bool(qat["stopped_by_budget"])),
+        "qat_final_loss": float(epochs[-1]),
+    }
+
+
 def loss_curve(details: dict[str, object]) -> list[tuple[int, float]]:
     qat = details.get("qat")
     if not isinstance(qat, dict):
