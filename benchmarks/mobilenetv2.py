@@ -52,7 +52,7 @@ class InvertedResidual(nn.Module):
         self.stride = stride
         if stride not in (1, 2):
             raise ValueError(f"stride should be 1 or 2 instead of {stride}")
-        hidden_dim = int(round(inp * expand_ratio))
+        hidden_dim = round(inp * expand_ratio)
         self.use_res_connect = self.stride == 1 and inp == oup
         layers: list[nn.Module] = []
         if expand_ratio != 1:

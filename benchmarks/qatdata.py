@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 CLASSES = 10
-SIZE = 64
+SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def _smooth(rng: np.random.Generator, n: int, channels: int, grid: int) -> np.nd
 def patterns(seed: int = 1234) -> np.ndarray:
     """The ten class patterns: mid-frequency random textures, unit variance."""
     rng = np.random.default_rng(seed)
-    p = _smooth(rng, CLASSES, 3, 16)
+    p = _smooth(rng, CLASSES, 3, SIZE // 4)
     p -= p.mean(axis=(1, 2, 3), keepdims=True)
     return (p / p.std(axis=(1, 2, 3), keepdims=True)).astype(np.float32)
 
@@ -48,7 +48,9 @@ def patterns(seed: int = 1234) -> np.ndarray:
 def make(n: int, seed: int, signal: float = 0.35, background: float = 4.0, noise: float = 0.5) -> Split:
     rng = np.random.default_rng(seed)
     y = rng.integers(0, CLASSES, n).astype(np.int64)
-    x = background * _smooth(rng, n, 3, 4) + signal * patterns()[y] + noise * rng.standard_normal(
-        (n, 3, SIZE, SIZE)
-    ).astype(np.float32)
+    x = (
+        background * _smooth(rng, n, 3, max(SIZE // 16, 2))
+        + signal * patterns()[y]
+        + noise * rng.standard_normal((n, 3, SIZE, SIZE)).astype(np.float32)
+    )
     return Split(np.ascontiguousarray(x, dtype=np.float32), y)
