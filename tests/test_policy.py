@@ -59,3 +59,11 @@ def test_digest_is_stable_and_changes_with_any_setting() -> None:
     a, b = Policy(), parse_policy({})
     assert a.digest() == b.digest()
     assert parse_policy({"gate": {"min_speedup": 2}}).digest() != a.digest()
+
+
+def test_qat_settings_change_the_policy_hash_only_when_set() -> None:
+    from quantgate.policy import Policy
+
+    assert Policy().digest() == Policy.model_validate({"qat": {}, "data": {"training": None}}).digest()
+    assert Policy.model_validate({"qat": {"epochs": 9}}).digest() != Policy().digest()
+    assert Policy.model_validate({"data": {"training": "t.npz"}}).digest() != Policy().digest()
