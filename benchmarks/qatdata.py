@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 CLASSES = 10
-SIZE = 32
+SIZE = 64
 
 
 @dataclass(frozen=True)
