@@ -25,7 +25,15 @@ from quantgate.errors import (
     infrastructure_cause,
 )
 from quantgate.model import ModelInfo
-from quantgate.plugins.base import Backend, Calibration, Candidate, Recipe, load_backend
+from quantgate.plugins.base import (
+    Backend,
+    Calibration,
+    Candidate,
+    FineTunes,
+    Recipe,
+    load_backend,
+    set_build_progress,
+)
 from quantgate.sensitivity import AccuracyControl
 
 log = logging.getLogger(__name__)
@@ -43,6 +51,7 @@ class BuildJob:
     calibration: Calibration
     workdir: Path
     tuning: AccuracyControl | None = None
+    qat: object | None = None  # a quantgate.qat.QatJob for quantization-aware recipes
 
 
 def build(job: BuildJob, backend: Backend | None = None) -> Candidate:
@@ -52,11 +61,15 @@ def build(job: BuildJob, backend: Backend | None = None) -> Candidate:
     if job.tuning is not None and configure is not None:
         t = job.tuning
         configure(t.validation, t.metric, t.max_drop, t.time_budget_s, limit=t.limit, caveat=t.caveat)
+    if job.qat is not None and isinstance(backend, FineTunes):
+        backend.configure_qat(job.qat)
     return backend.compress(job.model, job.recipe, job.calibration, job.workdir)
 
 
 def _serve(conn: Connection) -> None:
-    """The worker's loop: (function, argument) in, ("ok", value) or ("error", kind, message) out, until None."""
+    """The worker's loop: (function, argument) in, ("ok", value) or ("error", kind, message) out, until None;
+    ("progress", text) on the way, when a long build reports how far it got."""
+    set_build_progress(lambda text: conn.send(("progress", text)))
     while True:
         item = conn.recv()
         if item is None:
@@ -89,28 +102,42 @@ class BuildWorker:
             self._conn = parent
         return self._conn
 
-    def run(self, job: BuildJob, timeout_s: float) -> Candidate:
+    def run(self, job: BuildJob, timeout_s: float, on_progress: Callable[[str], None] | None = None) -> Candidate:
         """The candidate, or ``BackendError`` for the recipe's own failure, or ``BuildTimeout`` past ``timeout_s``."""
-        candidate: Candidate = self.call(build, job, timeout_s, what=job.recipe.name)
+        candidate: Candidate = self.call(build, job, timeout_s, what=job.recipe.name, on_progress=on_progress)
         return candidate
 
-    def call(self, fn: Callable[[Any], Any], arg: Any, timeout_s: float, *, what: str) -> Any:
+    def call(
+        self,
+        fn: Callable[[Any], Any],
+        arg: Any,
+        timeout_s: float,
+        *,
+        what: str,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> Any:
         """``fn(arg)`` in the worker (both picklable), stopped past ``timeout_s``."""
         conn = self._start()
         started = time.monotonic()
         conn.send((fn, arg))
-        if not conn.poll(max(timeout_s, 0.0)):
-            self.kill()
-            raise BuildTimeout(
-                f"{what} was stopped after {time.monotonic() - started:.1f} s: it ran past the "
-                f"{timeout_s:.1f} s left in the search budget"
-            )
-        try:
-            reply = conn.recv()
-        except EOFError:  # the worker died: killed, out of memory, a crash in native code. No verdict on the recipe.
-            code = self._proc.exitcode if self._proc is not None else None
-            self.kill()
-            raise InfrastructureError(f"building {what}: the build process died (exit status {code})") from None
+        while True:
+            left = timeout_s - (time.monotonic() - started)
+            if not conn.poll(max(left, 0.0)):
+                self.kill()
+                raise BuildTimeout(
+                    f"{what} was stopped after {time.monotonic() - started:.1f} s: it ran past the "
+                    f"{timeout_s:.1f} s left in the search budget"
+                )
+            try:
+                reply = conn.recv()
+            except EOFError:  # the worker died: killed, out of memory, a crash in native code. No verdict on it.
+                code = self._proc.exitcode if self._proc is not None else None
+                self.kill()
+                raise InfrastructureError(f"building {what}: the build process died (exit status {code})") from None
+            if reply[0] != "progress":
+                break
+            if on_progress is not None:
+                on_progress(str(reply[1]))
         if reply[0] == "ok":
             return reply[1]
         _, kind, message = reply

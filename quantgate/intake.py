@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -267,6 +268,70 @@ def export_program(program: Any, inputs: Inputs, out_names: list[str], out: Path
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class TorchSource:
+    """A pytorch model version as a torch module, with what exporting it to ONNX again needs."""
+
+    module: Any  # a torch.fx.GraphModule: the version's torch.export program, as a module
+    inputs: list[tuple[str, tuple[int, ...], Any]]  # (name, shape with -1 for dynamic, numpy dtype)
+    output_names: list[str]
+
+    def example_inputs(self, batch: int = 2) -> tuple[Any, ...]:
+        import torch
+
+        return tuple(
+            torch.zeros([batch if d in (-1, None) else int(d) for d in shape], dtype=_torch_dtype(dtype))
+            for _, shape, dtype in self.inputs
+        )
+
+
+def torch_source(model_dir: Path) -> TorchSource:
+    """The downloaded pytorch version's graph and weights as a fresh module (quantization-aware training fine-tunes
+    it); ``model_dir`` is only read. Only a pt2 version (its torch.export program, checked before loading) can be
+    fine-tuned: a pickled module is never unpickled in the worker's own process."""
+    meta = _load_mlmodel(model_dir)
+    if flavor_of(model_dir) != "pytorch":
+        raise UnsupportedFlavor("quantization-aware training needs a pytorch model")
+    inputs, out_names = _tensor_inputs(meta), _output_names(meta)
+    _quiet_torch()
+    pt2 = next(iter(sorted(model_dir.glob("data/*.pt2"))), None)
+    if pt2 is None:
+        # A pickled module is only ever unpickled in an isolated process (trust model); fine-tuning needs it here.
+        raise UnsafeModel(
+            "quantization-aware training needs the pytorch model as a pt2 (torch.export) archive, MLflow's default "
+            "serialization_format; this version is pickled (data/model.pth), and pickles are never loaded in the "
+            "worker's own process"
+        )
+    try:
+        program = load_exported_program(pt2)  # checked before loading: no pickle, no code in shape expressions
+    except UnsafeModel as exc:
+        raise UnsafeModel(f"refused to load the pytorch model for quantization-aware training: {exc}") from None
+    except Exception as exc:  # torch.export raises many types
+        raise InvalidModel(f"cannot load the pytorch model as a torch program: {str(exc).splitlines()[0]}") from exc
+    return TorchSource(program.module(), inputs, out_names)
+
+
+def _dynamic_batch(inputs: list[tuple[str, tuple[int, ...], Any]]) -> tuple[dict[int, Any], ...]:
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    return tuple({0: batch} if shape and shape[0] in (-1, None) else {} for _, shape, _ in inputs)
+
+
+def export_torch(source: TorchSource, module: Any, out: Path) -> ModelInfo:
+    """``module`` (``source``'s graph with other weights, e.g. fine-tuned) as ONNX, exported as intake exports
+    ``source``: same input and output names, same dynamic batch."""
+    import torch
+
+    _quiet_torch()
+    try:
+        program = torch.export.export(module, source.example_inputs(), dynamic_shapes=_dynamic_batch(source.inputs))
+    except Exception as exc:  # torch.export raises many types
+        raise InvalidModel(f"cannot export the fine-tuned model: {str(exc).splitlines()[0]}") from exc
+    export_program(program, source.inputs, source.output_names, out)
+    return read_model_info(out)
 
 
 def _quiet_torch() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from quantgate import gate, registry, search
+from quantgate import gate, qat, registry, search
 from quantgate.build import BuildJob, BuildTimeout, BuildWorker, build
 from quantgate.cache import CandidateCache, RunKey
 from quantgate.data import NpzDataset, check_values, resolve_data_uri
@@ -40,6 +41,7 @@ from quantgate.plugins.base import (
     SpecializesShapes,
     load_backend,
     select_recipes,
+    set_build_progress,
 )
 from quantgate.policy import Policy
 from quantgate.result import CandidateResult
@@ -72,6 +74,7 @@ DATA_TAGS = {"calibration": "quantgate.calibration", "evaluation": "quantgate.ev
 class Intake:
     model: ModelInfo
     flavor: str
+    source_dir: Path | None = None  # the downloaded version (quantization-aware training reads its torch program)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class DataSets:
     evaluation: NpzDataset
     calibration_uri: str
     evaluation_uri: str
+    training: NpzDataset | None = None  # what quantization-aware training fine-tunes on (policy data.training)
+    training_uri: str = ""
 
 
 def intake(source: registry.SourceVersion, workdir: Path, *, allow_pickle: bool = False) -> Intake:
@@ -97,7 +102,7 @@ def intake(source: registry.SourceVersion, workdir: Path, *, allow_pickle: bool 
     except BackendError as exc:
         raise InvalidModel(f"{source.uri}: {exc}") from None
     log.info("intake: %s flavor, inputs %s", flavor, ", ".join(t.describe() for t in model.inputs))
-    return Intake(model, flavor)
+    return Intake(model, flavor, local)
 
 
 def _data_uri(role: str, policy: Policy, source: registry.SourceVersion) -> str:
@@ -129,7 +134,12 @@ def load_data(policy: Policy, source: registry.SourceVersion, model: ModelInfo, 
     roles = (("calibration", calib, cfg.calibration_samples), ("evaluation", evaluation, cfg.evaluation_samples))
     for role, ds, limit in roles:
         check_values(ds, role=role, limit=limit, n_classes=classes, allow_non_finite=cfg.allow_non_finite)
-    return DataSets(calib, evaluation, calib_uri, eval_uri)
+    training, training_uri = None, cfg.training or ""
+    if training_uri:
+        training = NpzDataset.open(resolve_data_uri(training_uri, workdir / "data" / "training", role="training"))
+        training.check_against(model.inputs, role="training")
+        check_values(training, role="training", limit=None, n_classes=classes, allow_non_finite=cfg.allow_non_finite)
+    return DataSets(calib, evaluation, calib_uri, eval_uri, training, training_uri)
 
 
 def output_classes(model: ModelInfo, evaluation: NpzDataset) -> int:
@@ -179,12 +189,14 @@ def plan(policy: Policy, model: ModelInfo, backends: tuple[str, ...] | None = No
             out.append(PlannedRecipe(name, None, reason))
             continue
         offered = backend.recipes(model)
-        known.update(r.name for r in offered)
-        _check_recipe_options(policy, name, offered)
+        fine_tuned = qat.offered(backend, model)  # only when named: otherwise only when PTQ cannot hold the gate
+        known.update(r.name for r in [*offered, *fine_tuned])
+        _check_recipe_options(policy, name, [*offered, *fine_tuned])
         prepare_only = not status.ok
+        named = [r for r in fine_tuned if policy.recipes is not None and r.name in policy.recipes]
         out.extend(
             PlannedRecipe(name, with_options(r, policy), reason if prepare_only else "", prepare_only)
-            for r in select_recipes(backend, model, policy.recipes)
+            for r in [*select_recipes(backend, model, policy.recipes), *named]
         )
     if policy.recipes is not None and backends is None:
         unknown = sorted(set(policy.recipes) - known)
@@ -316,6 +328,8 @@ class SearchState:
     run_key: RunKey | None = None
     index: int = 0
     total: int = 0
+    qat: qat.Context | None = None  # set when the run may fine-tune (a pytorch source)
+    listeners: list[Callable[[ProgressEvent], None]] = field(default_factory=list)
 
     @classmethod
     def for_policy(cls, policy: Policy, total: int) -> SearchState:
@@ -325,7 +339,10 @@ class SearchState:
         return cls(Budget(cfg.time_budget_s), exhaustive=False, quick_samples=cfg.quick_samples, total=total)
 
     def emit(self, stage: str, label: str) -> None:
-        report_progress(ProgressEvent(stage, self.index, self.total, label, self.budget.used, self.budget.seconds))
+        event = ProgressEvent(stage, self.index, self.total, label, self.budget.used, self.budget.seconds)
+        report_progress(event)
+        for listener in self.listeners:
+            listener(event)
 
 
 def evaluate(
@@ -401,6 +418,8 @@ def _validate(
 
     def result(metrics: dict[str, float], verdict: Verdict, details: dict[str, object], *extra: str) -> CandidateRun:
         notes = [*cand.notes, *_validator_notes(details), *extra]
+        details = {**cand.details, **details}
+        metrics = {**qat.metrics(cand.details), **metrics}
         return CandidateRun(
             CandidateResult(recipe, metrics, verdict, hardware, artifact=cand.artifact, notes=notes, details=details)
         )
@@ -539,10 +558,19 @@ def _build(
     tuning = base.tuning
     if tuning is not None and state.budget.seconds is not None:
         tuning = replace(tuning, time_budget_s=max(min(tuning.time_budget_s, state.budget.remaining), 1.0))
-    job = BuildJob(base.backend.name, model, recipe, calib, workdir / recipe.backend / recipe.name, tuning)
+    fine_tuning = state.qat.job(state.budget.remaining) if state.qat is not None and qat.is_qat(recipe) else None
+    job = BuildJob(base.backend.name, model, recipe, calib, workdir / recipe.backend / recipe.name, tuning, fine_tuning)
+
+    def progress(text: str) -> None:
+        state.emit("qat" if fine_tuning is not None else "build", f"{recipe.backend}/{recipe.name}: {text}")
+
     if state.worker is not None:
-        return state.worker.run(job, state.budget.remaining)
-    return build(job, base.backend)
+        return state.worker.run(job, state.budget.remaining, progress)
+    set_build_progress(progress)
+    try:
+        return build(job, base.backend)
+    finally:
+        set_build_progress(None)
 
 
 def skipped_result(recipe: Recipe, reason: str, hardware: Hardware, policy: Policy) -> CandidateResult:

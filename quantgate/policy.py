@@ -31,6 +31,11 @@ class DataPolicy(_Strict):
     evaluation_samples: int | None = Field(
         default=None, ge=1, le=1_000_000_000, description="Cap on evaluation samples"
     )
+    training: str | None = Field(
+        default=None,
+        description="Local path or MLflow artifact URI of a .npz that quantization-aware training fine-tunes on "
+        "(with 'labels': task loss plus distillation); unset: distillation on the calibration set",
+    )
     allow_non_finite: bool = Field(
         default=False, description="Accept NaN/Inf in input arrays (refused by default: they poison every metric)"
     )
@@ -126,6 +131,31 @@ class SearchPolicy(_Strict):
     )
 
 
+class QatPolicy(_Strict):
+    """Quantization-aware fine-tuning (``int8-qat*`` recipes, pytorch models only)."""
+
+    auto: bool = Field(default=True, description="Try QAT when no post-training candidate passes the quality gate")
+    epochs: int = Field(default=4, ge=1, le=10_000)
+    learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
+    batch_size: int = Field(default=32, ge=1, le=65_536)
+    samples: int | None = Field(
+        default=None, ge=1, le=100_000_000, description="Most training samples used (null = all)"
+    )
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    distillation_weight: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1000.0,
+        description="Weight of the distillation loss beside the task loss (labelled data)",
+    )
+    time_budget_s: float = Field(
+        default=300.0, gt=0.0, le=1e6, description="Wall-clock limit of the fine-tuning; the search budget caps it"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: a CUDA GPU when the worker has one, else the CPU"
+    )
+
+
 RecipeSetting = str | int | float | bool | None
 
 
@@ -192,6 +222,7 @@ class Policy(_Strict):
     accuracy_control: AccuracyControlPolicy = AccuracyControlPolicy()
     registry: RegistryPolicy = RegistryPolicy()
     search: SearchPolicy = SearchPolicy()
+    qat: QatPolicy = QatPolicy()
     intake: IntakePolicy = IntakePolicy()
     recipe_options: dict[str, dict[str, RecipeSetting]] = Field(
         default_factory=dict,
@@ -228,6 +259,10 @@ class Policy(_Strict):
             del data["intake"]
         if not data["data"]["allow_non_finite"]:
             del data["data"]["allow_non_finite"]
+        if data["qat"] == QatPolicy().model_dump(mode="json"):
+            del data["qat"]
+        if data["data"].get("training") is None:
+            del data["data"]["training"]
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -240,11 +275,12 @@ class Policy(_Strict):
                 out[pool] = (*out.get(pool, ()), backend)
         return out
 
-    def with_data(self, calibration: str | None, evaluation: str | None) -> Policy:
+    def with_data(self, calibration: str | None, evaluation: str | None, training: str | None = None) -> Policy:
         data = self.data.model_copy(
             update={
                 "calibration": calibration or self.data.calibration,
                 "evaluation": evaluation or self.data.evaluation,
+                "training": training or self.data.training,
             }
         )
         return self.model_copy(update={"data": data})
@@ -323,7 +359,9 @@ def load_policy(path: Path | None) -> Policy:
     policy = parse_policy(read_yaml(path, "policy"), path.name)
     # Relative data paths are relative to the policy file, as a user reading the file expects.
     return policy.with_data(
-        _relative_to(policy.data.calibration, path.parent), _relative_to(policy.data.evaluation, path.parent)
+        _relative_to(policy.data.calibration, path.parent),
+        _relative_to(policy.data.evaluation, path.parent),
+        _relative_to(policy.data.training, path.parent),
     )
 
 

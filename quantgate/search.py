@@ -83,7 +83,9 @@ def prior(recipe: Recipe, *, transformer: bool) -> float:
         # Reduced-precision float compute costs no build and rarely loses quality: a floor every later candidate
         # is measured against (and pruned by), found in seconds, before any INT8 build.
         return 4.0
-    if kind in RESTORING_KINDS:
+    if kind == "qat":
+        base = 0.2  # fine-tuning costs minutes: named ones run after the post-training recipes
+    elif kind in RESTORING_KINDS:
         base = 2.0
     elif kind in ("static", "quantize"):
         calibration = str(o.get("calibration", "minmax"))
@@ -205,7 +207,7 @@ def quick_check(base: EvalOutputs, cand: EvalOutputs, policy: Policy, *, has_lab
 class ProgressEvent:
     """Where the search is: shown live on the terminal and as a Prefect progress artifact."""
 
-    stage: str  # "baseline", "build", "quick", "quality", "latency", "done"
+    stage: str  # "baseline", "build", "qat" (a fine-tuning's epochs), "quick", "quality", "latency", "done"
     index: int  # candidate i of ``total`` (1-based; 0 before the first)
     total: int
     label: str  # backend/recipe
@@ -227,7 +229,7 @@ class ProgressEvent:
         return f"{self.stage} · candidate {self.index}/{self.total} {self.label} · {budget} of the budget"
 
 
-_STAGE_SHARE = {"build": 0.0, "quick": 0.4, "quality": 0.5, "latency": 0.7}
+_STAGE_SHARE = {"build": 0.0, "qat": 0.1, "quick": 0.4, "quality": 0.5, "latency": 0.7}
 
 
 def report_progress(event: ProgressEvent) -> None:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quantgate import faults, plots, processes, registration, registry, report, serving, targets
+from quantgate import faults, plots, processes, qat, registration, registry, report, serving, targets
 from quantgate.errors import RegistrationError
 from quantgate.hardware import Hardware, backend_versions
 from quantgate.model import ModelInfo
@@ -64,6 +64,7 @@ def _lineage_tags(result: CompressionResult, cand: CandidateResult) -> dict[str,
     for key in ("speedup", "speedup_ci_low", "size_ratio", "accuracy_drop", "fidelity", "latency_p50_ms"):
         if key in cand.metrics:
             tags[f"{TAG}metric.{key}"] = f"{cand.metrics[key]:.6g}"
+    tags.update({TAG + key: value for key, value in qat.lineage_tags(cand.details).items()})
     return registry.tags_to_strings(tags)
 
 
@@ -100,6 +101,7 @@ def _log_candidate(
         client.log_param(run_id, key, value)
     for name, metric in sorted(cand.metrics.items()):
         client.log_metric(run_id, name, float(metric))
+    _log_loss_curve(client, run_id, cand)
     model_uri = None
     if log_model and cand.artifact is not None:
         model_uri = serving.log_candidate_model(client, exp_id, run_id, cand, model)
@@ -107,6 +109,22 @@ def _log_candidate(
     _log_json(client, run_id, "report.json", cand.to_record())
     client.set_terminated(run_id, "FINISHED")
     return model_uri
+
+
+def _log_loss_curve(client: Any, run_id: str, cand: CandidateResult) -> None:
+    """A fine-tuned candidate's loss by step (``qat_loss``) and by epoch (``qat_epoch_loss``): the UI plots both."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    points = [Metric("qat_loss", loss, now, step) for step, loss in qat.loss_curve(cand.details)]
+    record = cand.details.get("qat")
+    if isinstance(record, dict):
+        epochs = record.get("loss_by_epoch") or []
+        points += [Metric("qat_epoch_loss", float(loss), now, i + 1) for i, loss in enumerate(epochs)]
+    for start in range(0, len(points), 1000):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(run_id, metrics=points[start : start + 1000])
 
 
 def _wants_registration(policy: Policy, cand: CandidateResult) -> bool:

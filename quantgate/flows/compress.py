@@ -13,7 +13,7 @@ from uuid import UUID
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from quantgate import pipeline, registry, report, search, targets, tracking
+from quantgate import pipeline, qat, qat_search, registry, report, search, targets, tracking
 from quantgate.build import BuildWorker
 from quantgate.cache import CandidateCache, RunKey
 from quantgate.errors import BackendError, InfrastructureError, InputError, infrastructure_cause
@@ -206,6 +206,9 @@ def run_candidates(
     for i, item in enumerate(planned):
         if item.recipe is None:
             results[i] = pipeline.unavailable_result(item, hardware, has_labels, policy)
+    fallback = qat_search.setup(planned, taken, data, policy, state)  # QAT, if no post-training candidate holds
+    if progress is not None:
+        state.listeners.append(progress.on_event)
     pending = [search.Planned(i, p.recipe, search.prior(p.recipe, transformer=taken.model.is_transformer))
                for i, p in enumerate(planned) if p.recipe is not None]  # fmt: skip
     # Sequential on purpose: latency is measured on this host, and parallel candidates would disturb it.
@@ -228,6 +231,8 @@ def run_candidates(
             results[pick.index] = run.result
             if progress is not None:
                 progress.update(state)
+            if not pending and fallback and qat_search.fallback_due(state):
+                pending, fallback = qat_search.enqueue(planned, fallback, state), []
     ready = {name: b for name, b in baselines.items() if isinstance(b, Baseline)}
     if policy.search.specialize_shapes:
         variants = pipeline.shape_variants(list(results.values()), ready)
@@ -277,6 +282,13 @@ class ProgressArtifact:
         event = search.ProgressEvent("build", state.index + 1, state.total, "", state.budget.used, state.budget.seconds)
         text = f"quantgate search: {state.index} of {state.total} candidates, {state.budget.describe()}"
         update_progress_artifact(self._id, min(event.fraction * 100, 99.0), description=text)
+
+    def on_event(self, event: search.ProgressEvent) -> None:
+        """A fine-tuning's epochs and loss, as they come (other stages update after each candidate)."""
+        from prefect.artifacts import update_progress_artifact
+
+        if event.stage == "qat":
+            update_progress_artifact(self._id, min(event.fraction * 100, 99.0), description=event.describe())
 
     def finish(self, state: pipeline.SearchState) -> None:
         from prefect.artifacts import update_progress_artifact
@@ -337,7 +349,8 @@ def _start_steps(
     parent_id: str,
 ) -> list[tuple[dispatch.StepRun, float]]:
     """Each pool's step with the deadline of its slowest target; the data URIs are pinned for every step."""
-    pinned = policy.with_data(data.calibration_uri, data.evaluation_uri).model_dump(mode="json")
+    with_data = policy.with_data(data.calibration_uri, data.evaluation_uri, data.training_uri or None)
+    pinned = with_data.model_dump(mode="json")
     out = []
     for pool, backends in remote.items():
         timeout = max(policy.targets[b].timeout_s for b in backends)
@@ -367,6 +380,7 @@ def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: 
     data = data_task(policy, source, taken.model, workdir)
     hardware = detect()
     planned = pipeline.plan(policy, taken.model)
+    qat.refuse_flavor([p.recipe for p in planned], taken.flavor, source.uri)
     validators = load_validators()  # entry points are read once per run, not once per candidate
     clock.lap("data")
     here = dispatch.current_pool() if policy.targets else None

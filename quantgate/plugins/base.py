@@ -57,6 +57,8 @@ class Candidate:
     artifact: Path
     notes: tuple[str, ...] = ()
     files: tuple[Path, ...] = field(default=())  # every file that makes up the artifact (for size)
+    # What the build measured that the result should carry (e.g. a fine-tuning's loss curve: details["qat"]).
+    details: dict[str, object] = field(default_factory=dict, compare=False)
 
     @property
     def size_bytes(self) -> int:
@@ -122,6 +124,37 @@ class Backend(Protocol):
     def compress(self, model: ModelInfo, recipe: Recipe, calib: Calibration, workdir: Path) -> Candidate: ...
 
     def runner(self, candidate: Candidate, *, threads: int) -> Runner: ...
+
+
+@runtime_checkable
+class FineTunes(Protocol):
+    """Optional on a backend: quantization-aware fine-tuning recipes (``kind="qat"``) for pytorch models.
+
+    ``qat_recipes`` are offered apart from ``recipes``: they run only when a policy names them or when no
+    post-training recipe holds the quality gate (quantgate.qat). ``configure_qat`` gives the backend the job (the
+    source's torch program, the training data, the budget) before ``compress`` builds such a recipe.
+    """
+
+    def qat_recipes(self, model: ModelInfo) -> list[Recipe]: ...
+
+    def configure_qat(self, job: object) -> None: ...
+
+
+# Where a long build reports how far it got (set by the build worker, or in-process by the caller).
+_progress_sink: Callable[[str], None] | None = None
+
+
+def set_build_progress(sink: Callable[[str], None] | None) -> None:
+    global _progress_sink
+    _progress_sink = sink
+
+
+def build_progress(text: str) -> None:
+    """A backend's word on how far a long build got (a fine-tuning's epoch and loss): shown live, never required."""
+    if _progress_sink is not None:
+        _progress_sink(text)
+    else:
+        log.info("%s", text)
 
 
 def _entry_points(group: str) -> dict[str, metadata.EntryPoint]:

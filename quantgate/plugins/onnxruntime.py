@@ -32,12 +32,16 @@ from quantgate.plugins.base import (
 )
 
 if TYPE_CHECKING:
+    from quantgate.qat import QatJob
     from quantgate.sensitivity import AccuracyControl, LayerSensitivity, Metric, Scorer, SearchOutcome
 
 log = logging.getLogger(__name__)
 
 NAME = "onnxruntime"
 MIXED = "int8-static-mixed"
+QAT = "int8-qat"
+# What QAT candidates are quantized with after fine-tuning: the static recipe whose scheme the fake quantizers mimic.
+QAT_FINISH = "int8-static-qdq-minmax-perchannel"
 _CALIBRATIONS = ("minmax", "entropy", "percentile")
 
 
@@ -124,6 +128,19 @@ class OnnxRuntimeBackend:
 
     def __init__(self) -> None:
         self._control: AccuracyControl | None = None
+        self._qat: QatJob | None = None
+
+    def qat_recipes(self, model: ModelInfo) -> list[Recipe]:
+        """Quantization-aware fine-tuning against ONNX Runtime's static QDQ scheme, finished by that recipe."""
+        from quantgate import qat
+
+        return [qat.make_recipe(NAME, QAT, "int8", scheme=NAME, finish=QAT_FINISH)]
+
+    def configure_qat(self, job: object) -> None:
+        from quantgate.qat import QatJob
+
+        assert isinstance(job, QatJob)
+        self._qat = job
 
     def configure_accuracy_control(
         self,
@@ -160,6 +177,12 @@ class OnnxRuntimeBackend:
 
     def compress(self, model: ModelInfo, recipe: Recipe, calib: Calibration, workdir: Path) -> Candidate:
         workdir.mkdir(parents=True, exist_ok=True)
+        if recipe.options["kind"] == "qat":
+            from quantgate import qat
+
+            finish = next(r for r in RECIPES if r.name == recipe.options["finish"])
+            candidate: Candidate = qat.build(self, self._qat, recipe, finish, calib, workdir, NAME)
+            return candidate
         out = workdir / f"{recipe.name}.onnx"
         if recipe.options["kind"] == "mixed" and self._control is None:
             raise BackendError(

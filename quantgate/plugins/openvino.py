@@ -39,6 +39,8 @@ NAME = "openvino"
 INSTALL_HINT = "pip install quantgate[openvino]"
 ACCURACY_CONTROL = "int8-accuracy-control"
 MIXED = "int8-mixed"
+QAT = "int8-qat"
+QAT_FINISH = "int8-ptq-performance"  # NNCF's symmetric preset: the scheme OpenVINO's QAT fake quantizers mimic
 Metric = Literal["accuracy", "fidelity"]
 REDUCED_PRECISIONS = ("bf16", "f16")  # each gets the float recipe and an -<precision> variant of every INT8 recipe
 
@@ -161,6 +163,22 @@ class OpenVinoBackend:
 
     def __init__(self) -> None:
         self._accuracy: AccuracyControl | None = None
+        self._qat: object | None = None
+
+    def qat_recipes(self, model: ModelInfo) -> list[Recipe]:
+        """Quantization-aware fine-tuning against NNCF's performance preset, finished by ``int8-ptq-performance``
+        (and its BF16 variant): the two share one fine-tuning per run."""
+        from quantgate import qat
+
+        return [
+            qat.make_recipe(NAME, QAT, "int8", scheme=NAME, finish=QAT_FINISH, inference_precision="f32"),
+            qat.make_recipe(
+                NAME, f"{QAT}-bf16", "int8-bf16", scheme=NAME, finish=f"{QAT_FINISH}-bf16", inference_precision="bf16"
+            ),
+        ]
+
+    def configure_qat(self, job: object) -> None:
+        self._qat = job
 
     def available(self) -> Availability:
         try:
@@ -255,6 +273,13 @@ class OpenVinoBackend:
                 f"{recipe.name} needs validation data; the pipeline must call configure_accuracy_control() first"
             )
         _require_compute(recipe.name, precision)
+        if opts["kind"] == "qat":
+            from quantgate import qat
+
+            finish = next(r for r in self.recipes(model) if r.name == opts["finish"])
+            job = self._qat if isinstance(self._qat, qat.QatJob) else None
+            candidate: Candidate = qat.build(self, job, recipe, finish, calib, workdir, NAME)
+            return candidate
         try:
             notes = _reuse_ir(model.path, opts, calib, workdir.parent, xml)
             if notes is None:

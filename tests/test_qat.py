@@ -1,0 +1,193 @@
+"""Quantization-aware fine-tuning: real torch (torchao PT2E), real ONNX Runtime, real MLflow and Prefect.
+
+Tiny budgets on the digits CNN: each fine-tuning here takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from quantgate import qat
+from quantgate.data import NpzDataset
+from quantgate.plugins.base import Recipe
+from quantgate.plugins.onnxruntime import OnnxRuntimeBackend
+
+# What the tests fine-tune with: a few steps, so a run costs seconds.
+FAST_QAT = {"epochs": 2, "batch_size": 32, "samples": 64, "learning_rate": 1e-4, "time_budget_s": 120}
+
+
+@pytest.fixture(scope="session")
+def pt2_dir(digits_cnn: Any, digits: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits CNN saved in MLflow's default pytorch format (a torch.export program), as intake downloads it."""
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        y = digits_cnn(torch.from_numpy(digits.x_test[:2])).numpy()
+    out = tmp_path_factory.mktemp("pt2") / "model"
+    mlflow.pytorch.save_model(
+        digits_cnn, str(out), signature=infer_signature(digits.x_test[:2], y), input_example=digits.x_test[:2]
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def unlabelled_calib(digits: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("qat-data") / "calibration.npz"
+    np.savez(path, input=digits.x_train[:128])
+    return path
+
+
+def _tree_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(f.relative_to(folder).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _recipe(**settings: Any) -> Recipe:
+    base = OnnxRuntimeBackend().qat_recipes(None)[0]  # type: ignore[arg-type]
+    return Recipe.make(base.backend, base.name, base.precision, **(base.options | settings))
+
+
+def test_distillation_only_qat_runs_without_labels_and_never_touches_the_source(
+    pt2_dir: Path, unlabelled_calib: Path, tmp_path: Path
+) -> None:
+    before = _tree_digest(pt2_dir)
+    calib = NpzDataset.open(unlabelled_calib)
+    assert not calib.has_labels
+    job = qat.QatJob(pt2_dir, calib, None, str(unlabelled_calib), time_budget_s=3.0)
+    recipe = _recipe(epochs=2, batch_size=32, samples=64)
+
+    tuned = qat.finetune(job, recipe, tmp_path / "qat", "onnxruntime")
+
+    record = tuned.details["qat"]
+    assert record["objective"] == "distillation" and record["samples"] == 64
+    assert record["epochs_done"] == 2 and record["steps_done"] == 4 and not record["stopped_by_budget"]
+    assert [step for step, _ in record["loss_by_step"]] == [1, 2, 3, 4]
+    assert all(np.isfinite(loss) for _, loss in record["loss_by_step"])
+    assert tuned.model.path.is_file() and [t.name for t in tuned.model.inputs] == ["input"]
+    assert "distillation" in tuned.notes[0] and "calibration inputs" in tuned.notes[0]
+    assert _tree_digest(pt2_dir) == before  # the fine-tuned weights never go back into the source
+
+
+def test_the_budget_stops_qat_and_it_says_how_far_it_got(pt2_dir: Path, unlabelled_calib: Path, tmp_path: Path) -> None:
+    job = qat.QatJob(pt2_dir, NpzDataset.open(unlabelled_calib), None, str(unlabelled_calib), time_budget_s=3.0)
+    recipe = _recipe(epochs=10_000, batch_size=8, samples=128)
+
+    started = time.monotonic()
+    tuned = qat.finetune(job, recipe, tmp_path / "qat", "onnxruntime")
+    wall = time.monotonic() - started
+
+    record = tuned.details["qat"]
+    assert record["stopped_by_budget"] and 0 < record["steps_done"] < record["steps_planned"]
+    assert any("stopped by its budget (3 s)" in n and "of 160000 steps" in n for n in tuned.notes), tuned.notes
+    assert wall < 60  # the loop stopped at its 3 s budget; the rest is loading and exporting the tiny model
+
+
+def test_labelled_training_set_adds_the_task_loss(
+    pt2_dir: Path, digits: Any, unlabelled_calib: Path, tmp_path: Path
+) -> None:
+    training = tmp_path / "training.npz"
+    np.savez(training, input=digits.x_train[:64], labels=digits.y_train[:64])
+    job = qat.QatJob(
+        pt2_dir, NpzDataset.open(unlabelled_calib), NpzDataset.open(training), str(training), time_budget_s=120
+    )
+    tuned = qat.finetune(job, _recipe(epochs=1, objective="task+distillation", samples=64), tmp_path / "q", "openvino")
+    assert tuned.details["qat"]["objective"] == "task+distillation"
+    assert "cross-entropy" in tuned.notes[0] and "symmetric INT8" in tuned.notes[0]
+
+
+def _qat_policy(calib: Path, evaluation: Path, **overrides: Any) -> dict[str, Any]:
+    from tests.conftest import test_policy
+
+    policy = test_policy(
+        calib,
+        evaluation,
+        recipes=["int8-qat"],
+        qat={k: v for k, v in FAST_QAT.items()},
+        gate={"max_accuracy_drop": 0.05, "min_speedup": None},
+        registry={"register_all_passing": True},
+    )
+    policy.update(overrides)
+    return policy
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_qat_candidate_is_gated_registered_with_lineage_and_loads_as_pyfunc(
+    tracking_uri: str, digits_cnn: Any, digits: Any, unlabelled_calib: Path, eval_npz: Path
+) -> None:
+    import mlflow.pyfunc
+    from mlflow import MlflowClient
+
+    from quantgate.flows.compress import compress_model
+    from tests.conftest import register_pytorch
+
+    uri = register_pytorch(digits_cnn, digits, "pt")
+    doc = compress_model(uri, _qat_policy(unlabelled_calib, eval_npz), tracking_uri)
+
+    (cand,) = doc["candidates"]
+    assert cand["recipe"] == "int8-qat" and cand["passed"] and cand["promoted"], cand["reasons"]
+    settings = cand["settings"]
+    assert settings["epochs"] == 2 and settings["seed"] == 0 and settings["learning_rate"] == 1e-4
+    assert settings["training_data_sha256"] == qat.file_sha256(unlabelled_calib)
+    assert cand["all_metrics"]["qat_steps"] == 4 and cand["all_metrics"]["qat_train_s"] > 0
+    assert doc["promoted_uri"] == cand["registered_uri"] == "models:/pt-onnxruntime-int8/1"
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    tags = client.get_model_version("pt-onnxruntime-int8", "1").tags
+    assert tags["quantgate.recipe"] == "int8-qat" and tags["quantgate.qat"] == "true"
+    assert tags["quantgate.qat_objective"] == "distillation"
+    assert tags["quantgate.training_data_uri"] == str(unlabelled_calib)
+    history = client.get_metric_history(cand["run_id"], "qat_loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert len(client.get_metric_history(cand["run_id"], "qat_epoch_loss")) == 2
+
+    served = mlflow.pyfunc.load_model(doc["promoted_uri"])
+    scores = served.predict({"input": digits.x_test[:8]})
+    top1 = np.argmax(np.asarray(next(iter(scores.values()))), axis=1)
+    assert (top1 == digits.y_test[:8]).mean() >= 0.75
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_qat_runs_by_itself_only_when_no_post_training_candidate_holds_the_quality_gate(
+    tracking_uri: str, digits_cnn: Any, digits: Any, unlabelled_calib: Path, eval_npz: Path
+) -> None:
+    from quantgate.flows.compress import compress_model
+    from tests.conftest import register_pytorch
+
+    uri = register_pytorch(digits_cnn, digits, "pt")
+    # Fidelity no INT8 model reaches: the post-training candidate fails on quality, so QAT is tried after it.
+    strict = _qat_policy(
+        unlabelled_calib, eval_npz, recipes=["int8-static-qdq-minmax"],
+        gate={"max_accuracy_drop": None, "min_fidelity": 0.9999999, "min_speedup": None},
+    )  # fmt: skip
+    doc = compress_model(uri, strict, tracking_uri)
+    assert [c["recipe"] for c in doc["candidates"]] == ["int8-static-qdq-minmax", "int8-qat"]
+    assert not any(c["passed"] for c in doc["candidates"])
+
+    relaxed = _qat_policy(unlabelled_calib, eval_npz, recipes=["int8-static-qdq-minmax"])
+    doc = compress_model(uri, relaxed, tracking_uri)
+    assert [c["recipe"] for c in doc["candidates"]] == ["int8-static-qdq-minmax"]  # it passed: no QAT
+
+
+def test_a_policy_naming_qat_for_an_onnx_model_is_refused_in_one_line(
+    tracking_uri: str, digits_onnx: Path, calib_npz: Path, eval_npz: Path, tmp_path: Path, qg_home: Path
+) -> None:
+    from tests.conftest import model_versions, register_onnx
+    from tests.test_cli import assert_clean_failure, run_cli, write_policy
+
+    register_onnx(tracking_uri, digits_onnx, "digits")
+    policy = write_policy(tmp_path / "p.yaml", _qat_policy(calib_npz, eval_npz))
+    proc = run_cli(["compress", "models:/digits/1", "--policy", str(policy)], tracking_uri, qg_home, tmp_path)
+    assert_clean_failure(proc, "is a 'onnx' flavor model; QAT needs a 'pytorch' flavor model")
+    assert "int8-qat" in proc.stderr
+    assert [name for name, _, _ in model_versions(tracking_uri)] == ["digits"]
