@@ -111,7 +111,9 @@ def promoted_runner(doc: dict[str, Any], tracking_uri: str, workdir: Path) -> tu
     label = f"quantgate {winner['backend']}/{winner['recipe']}"
     if winner["backend"] == "openvino":
         xml = next(local.rglob("*.xml"))
-        return label, OvRunner(xml, THREADS, str(winner["settings"].get("inference_precision") or "f32"))
+        settings = winner["settings"]
+        precision = str(settings.get("inference_precision") or "f32")
+        return label, OvRunner(xml, THREADS, precision, static_shapes=bool(settings.get("static_shapes")))
     return label, OrtRunner(next(local.rglob("*.onnx")), THREADS)
 
 
@@ -247,11 +249,16 @@ def main() -> None:
     parser.add_argument("--old", default=None, help="git revision of the pipeline to compare wall time with")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="qg-bench-search-") as tmp:
-        results = [one_model(name, args.old, Path(tmp)) for name in args.models]
+        for name in args.models:
+            results.append(one_model(name, args.old, Path(tmp)))
+            done = results[-1]
+            old = f", old pipeline {done['old']['wall_s']:.0f} s" if "old" in done else ""
+            print(f"# {name}: quantgate {done['new']['wall_s']:.0f} s{old}", file=sys.stderr, flush=True)
+            if args.json:  # written after every model: a long run stopped early keeps what it measured
+                args.json.write_text(json.dumps(results, indent=2, default=str))
     summarise(results)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -323,6 +323,9 @@ class SearchState:
     quality_failed: int = 0
     quality_passed: int = 0
     probed: set[tuple[str, str, str]] = field(default_factory=set)  # families timed after a quality failure
+    # Families whose full INT8 (not a float-restoring search) failed quality: the upper end of their measured speed.
+    failed_families: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    passed: list[Recipe] = field(default_factory=list)  # the recipes that passed the gate so far
     worker: BuildWorker | None = None
     cache: CandidateCache | None = None
     run_key: RunKey | None = None
@@ -379,7 +382,12 @@ def evaluate(
     if state.budget.exhausted:
         why = f"not tried: the search budget was spent ({state.budget.describe()})"
         return CandidateRun(skipped_result(recipe, why, hardware, policy))
-    hopeless = None if state.exhaustive else search.cannot_beat(recipe, state.timed, state.best_vs_reference)
+    hopeless = None
+    if not state.exhaustive:
+        score = search.prior(recipe, transformer=model.is_transformer)
+        hopeless = search.cannot_beat(
+            recipe, state.timed, state.best_vs_reference, passed=state.passed, prior_score=score
+        )
     if hopeless is not None:
         return CandidateRun(skipped_result(recipe, hopeless, hardware, policy))
     state.emit("build", label)
@@ -489,6 +497,8 @@ def _probe(
     inputs = latency_batch(data.evaluation, policy.latency.batch_sizes[0])
     probe = probe_speed(reference, runner, inputs, policy.latency)
     state.timed.append((recipe, probe.ci_high))
+    if recipe.options.get("kind") not in search.RESTORING_KINDS:
+        state.failed_families[fam] = probe.ci_high
     metrics = {
         "probe_speedup_vs_ort_fp32": probe.speedup,
         "probe_speedup_vs_ort_fp32_ci_low": probe.ci_low,
@@ -505,12 +515,23 @@ def _probe(
 def _record_timing(state: SearchState, recipe: Recipe, metrics: dict[str, float], verdict: Verdict) -> None:
     """What later candidates are compared with: the best passing speed, and every timed family's speed."""
     if "probe_speedup_vs_ort_fp32_ci_high" in metrics:  # a cached candidate that failed quality and was probed
-        state.timed.append((recipe, metrics["probe_speedup_vs_ort_fp32_ci_high"]))
+        high = metrics["probe_speedup_vs_ort_fp32_ci_high"]
+        state.timed.append((recipe, high))
         state.probed.add(search.family(recipe))
+        if recipe.options.get("kind") not in search.RESTORING_KINDS:
+            state.failed_families[search.family(recipe)] = high
     if "speedup_vs_ort_fp32" not in metrics:
         return
     if verdict.passed:
         state.best_vs_reference = max(state.best_vs_reference or 0.0, metrics["speedup_vs_ort_fp32"])
+        state.passed.append(recipe)
+    # The FP32 baselines, measured beside this candidate: their float f32 families' speeds (a point estimate, with
+    # the 5% a shared host's noise gives it), what weight-only INT8 and FP16 storage run at.
+    fp32 = {REFERENCE_BACKEND: 1.05}  # the reference itself
+    if "baseline_speedup_vs_ort_fp32" in metrics:
+        fp32[recipe.backend] = metrics["baseline_speedup_vs_ort_fp32"] * 1.05
+    for backend, high in fp32.items():
+        state.timed.append((Recipe.make(backend, "fp32", "fp32"), high))
     high = metrics.get("speedup_vs_ort_fp32_ci_high", metrics["speedup_vs_ort_fp32"])
     state.timed.append((recipe, high))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +39,9 @@ class Budget:
         self.seconds = seconds
         self._clock = clock
         self.started = clock()
+        # Kept back for a later stage (the shape-specialized variants of the best candidates): what the search may
+        # spend until that stage releases it.
+        self.reserved = 0.0
 
     @property
     def used(self) -> float:
@@ -46,12 +49,12 @@ class Budget:
 
     @property
     def remaining(self) -> float:
-        return float("inf") if self.seconds is None else max(self.seconds - self.used, 0.0)
+        return float("inf") if self.seconds is None else max(self.seconds - self.reserved - self.used, 0.0)
 
     @property
     def deadline(self) -> float | None:
         """The clock reading at which the budget runs out (``time.monotonic`` unless another clock was given)."""
-        return None if self.seconds is None else self.started + self.seconds
+        return None if self.seconds is None else self.started + self.seconds - self.reserved
 
     @property
     def exhausted(self) -> bool:
@@ -60,7 +63,12 @@ class Budget:
     def describe(self) -> str:
         if self.seconds is None:
             return f"{self.used:.0f} s used (no budget: exhaustive)"
-        return f"{self.used:.0f} s of {self.seconds:.0f} s used"
+        kept = f", {self.reserved:.0f} s kept for the shape-specialized variants" if self.reserved else ""
+        return f"{self.used:.0f} s of {self.seconds:.0f} s used{kept}"
+
+
+# Share of the budget kept for measuring the shape-specialized variants of the best candidates, once there are any.
+SPECIALIZE_RESERVE = 0.15
 
 
 # -- order of expected value ---------------------------------------------------------------------------------------
@@ -85,6 +93,8 @@ def prior(recipe: Recipe, *, transformer: bool) -> float:
         return 4.0
     if kind == "qat":
         base = 0.2  # fine-tuning costs minutes: named ones run after the post-training recipes
+    elif kind == "mixed":
+        base = 2.2  # its variants reuse the run's statistics (seconds each): ahead of NNCF's accuracy control
     elif kind in RESTORING_KINDS:
         base = 2.0
     elif kind in ("static", "quantize"):
@@ -104,38 +114,79 @@ def prior(recipe: Recipe, *, transformer: bool) -> float:
 
 
 def family(recipe: Recipe) -> tuple[str, str, str]:
-    """Recipes whose speed differs little: same backend, same kind of arithmetic, same float compute precision.
+    """Recipes whose speed differs little: same backend, same kind of arithmetic, same float compute precision
+    (and the same way of compiling: shape-specialized variants are a family of their own).
 
     Static INT8 with any calibration, NNCF INT8 with either preset, and the float-restoring searches (which can only
-    be slower than full INT8 at the same precision) are one family; so are the float recipes of one precision.
+    be slower than full INT8 at the same precision) are one family. Float compute of one precision is another, and
+    weight-only INT8 and FP16 storage belong to it: their weights are decompressed and computed in float (measured:
+    OpenVINO's int8-weights and fp16-ir at 0.94-1.05x its FP32 IR on CNNs). A backend's FP32 baseline is a member
+    of its float f32 family.
     """
     o = recipe.options
-    kind = str(o.get("kind", ""))
-    arithmetic = "int8" if kind in ("static", "quantize", *RESTORING_KINDS) else kind
-    return recipe.backend, arithmetic, str(o.get("inference_precision", "f32"))
+    kind = str(o.get("kind", "float"))
+    if kind in ("static", "quantize", *RESTORING_KINDS):
+        arithmetic = "int8"
+    elif kind in ("float", "fp16", "weights"):
+        arithmetic = "float"
+    else:
+        arithmetic = kind
+    precision = str(o.get("inference_precision") or "f32")
+    if o.get("static_shapes"):
+        precision += "+static"
+    return recipe.backend, arithmetic, precision
 
 
 # A family member is not expected to beat its measured sibling by more than this factor.
 FAMILY_SPREAD = 1.15
 
+# Below this prior a recipe rarely gives the fastest variant (dynamic INT8 on CNNs, weight-only INT8 and FP16 storage
+# in FP32 compute): once a candidate has passed, it is not built.
+LOW_PRIOR = 1.0
+# Kinds never pruned by their prior: they run only when a policy names them or as a fallback (fine-tuning).
+_NOT_PRUNED_BY_PRIOR = ("qat",)
 
-def cannot_beat(recipe: Recipe, timed: Sequence[tuple[Recipe, float]], best: float | None) -> str | None:
-    """Why ``recipe`` cannot be expected to beat the best so far, judging by its family's measured speed; or None.
 
-    ``timed``: (recipe, upper end of its speedup CI against the reference runtime) of every candidate timed so far.
+def cannot_beat(
+    recipe: Recipe,
+    timed: Sequence[tuple[Recipe, float]],
+    best: float | None,
+    *,
+    passed: Sequence[Recipe] = (),
+    prior_score: float | None = None,
+) -> str | None:
+    """Why ``recipe`` cannot be expected to beat the best so far, or None.
+
+    ``timed``: (recipe, upper end of its speedup CI against the reference runtime) of every candidate timed so far;
+    ``passed``: the recipes that passed the gate so far. A recipe is not tried when a member of its family already
+    passed (another calibration of the same arithmetic runs no faster, and quality is already enough), when its
+    family was measured too slow to beat the best, or, once anything passed, when its prior is low.
     """
     if best is None:
         return None
-    siblings = [(r, high) for r, high in timed if family(r) == family(recipe)]
-    if not siblings:
+    mine = family(recipe)
+    twin = next((r for r in passed if family(r) == mine and r.name != recipe.name), None)
+    if twin is not None:
+        return (
+            f"not tried: {twin.name}, of the same family ({', '.join(mine)}), already passed; another calibration or "
+            "float-restoring search of the same arithmetic runs no faster"
+        )
+    siblings = [(r, high) for r, high in timed if family(r) == mine]
+    if siblings:
+        sibling, high = max(siblings, key=lambda t: t[1])
+        if high * FAMILY_SPREAD < best:
+            return (
+                f"not tried: it could not beat the best so far ({best:.2f}x against ONNX Runtime FP32): "
+                f"{sibling.name}, of the same family ({', '.join(mine)}), measured at most {high:.2f}x"
+            )
         return None
-    sibling, high = max(siblings, key=lambda t: t[1])
-    if high * FAMILY_SPREAD >= best:
-        return None
-    return (
-        f"not tried: it could not beat the best so far ({best:.2f}x against ONNX Runtime FP32): {sibling.name}, of the "
-        f"same family ({', '.join(family(recipe))}), measured at most {high:.2f}x"
-    )
+    kind = str(recipe.options.get("kind", ""))
+    if prior_score is not None and prior_score < LOW_PRIOR and kind not in _NOT_PRUNED_BY_PRIOR:
+        return (
+            f"not tried: rarely the fastest on this kind of model (prior {prior_score:.1f}), and a candidate already "
+            f"passed at {best:.2f}x against ONNX Runtime FP32; search.exhaustive: true measures it anyway"
+        )
+    return None
 
 
 @dataclass
@@ -147,17 +198,39 @@ class Planned:
     score: float
 
 
-def next_index(pending: Sequence[Planned], *, quality_failed: int, quality_passed: int) -> int:
+Family = tuple[str, str, str]
+
+
+def next_index(
+    pending: Sequence[Planned],
+    *,
+    quality_failed: int,
+    quality_passed: int,
+    failed_families: Mapping[Family, float] | None = None,
+    best: float | None = None,
+) -> int:
     """The position in ``pending`` of the recipe to try next.
 
-    Once plain INT8 has failed on quality and nothing has passed it, the float-restoring searches are what is left to
-    gain, so they move to the front.
+    ``failed_families``: families whose full INT8 failed on quality, with the upper end of the speed measured for
+    them (against the reference runtime). In such a family the float-restoring search is what targets the gate's
+    threshold, so it moves to the front while the family could still beat ``best``; another calibration of it
+    rarely closes the gap the first one missed (on CRAFT every NNCF preset and calibration stayed at cosine 0.94
+    against a 0.99 gate), so it moves back. With no family measured yet, the old rule: once INT8 failed and nothing
+    passed, the restoring searches go first.
     """
+    failed = failed_families or {}
 
     def value(p: Planned) -> tuple[float, int]:
         score = p.score
         restoring = p.recipe.options.get("kind") in RESTORING_KINDS
-        if restoring and quality_failed and not quality_passed:
+        fam = family(p.recipe)
+        if fam in failed:
+            promising = best is None or failed[fam] * FAMILY_SPREAD >= best
+            if restoring and promising:
+                score += 3.0
+            elif not restoring:
+                score -= 1.0
+        elif restoring and quality_failed and not quality_passed:
             score += 2.0
         return (score, -p.index)
 

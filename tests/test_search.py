@@ -249,3 +249,61 @@ def test_the_fastest_openvino_candidates_get_a_static_shape_variant_measured_lik
     assert run.result.metrics["fidelity"] > 0.999 and "speedup_vs_ort_fp32" in run.result.metrics
     assert pipeline.shape_variants([run.result], {"openvino": base}) == []  # a variant is not specialized again
     assert pipeline.shape_variants([first], {"onnxruntime": ort_base}) == []  # a backend that cannot
+
+
+def test_where_full_int8_failed_quality_its_restoring_search_goes_first_while_it_can_still_win() -> None:
+    def make(name: str, **settings: object) -> Recipe:
+        return Recipe.make("openvino", name, "int8", **settings)  # type: ignore[arg-type]
+
+    other_calibration = make("int8-ptq-mixed-bf16", kind="quantize", preset="mixed", inference_precision="bf16")
+    restoring = make("int8-mixed-bf16", kind="mixed", inference_precision="bf16")
+    slow_restoring = make("int8-accuracy-control-bf16", kind="accuracy_control", inference_precision="bf16")
+    elsewhere = make("int8-ptq-performance", kind="quantize", preset="performance")
+    pending = [Planned(i, r, prior(r, transformer=False)) for i, r in enumerate(
+        [other_calibration, slow_restoring, restoring, elsewhere])]  # fmt: skip
+    failed = {("openvino", "int8", "bf16"): 3.6}  # full INT8 with BF16 float parts ran at up to 3.6x, but lost quality
+
+    def pick(best: float | None) -> str:
+        i = next_index(pending, quality_failed=1, quality_passed=1, failed_families=failed, best=best)
+        return pending[i].recipe.name
+
+    assert pick(best=2.0) == "int8-mixed-bf16"  # the BF16 float floor passed at 2.0x: INT8 could still beat it
+    assert pick(best=5.0) == "int8-ptq-performance"  # it cannot: another family first
+
+
+def test_a_budget_kept_back_for_a_later_stage_is_not_spent_before_it() -> None:
+    now = [0.0]
+    budget = Budget(100.0, clock=lambda: now[0])
+    budget.reserved = 15.0
+    now[0] = 80.0
+    assert budget.remaining == 5.0 and budget.deadline == 85.0
+    now[0] = 86.0
+    assert budget.exhausted and "15 s kept for the shape-specialized variants" in budget.describe()
+    budget.reserved = 0.0
+    assert not budget.exhausted and budget.remaining == 14.0
+
+
+def test_a_family_that_already_passed_is_not_built_again_and_low_priors_wait_for_nothing_to_pass() -> None:
+    def make(name: str, backend: str = "openvino", **settings: object) -> Recipe:
+        return Recipe.make(backend, name, "int8", **settings)  # type: ignore[arg-type]
+
+    winner = make("int8-ptq-performance-bf16", kind="quantize", inference_precision="bf16")
+    preset = make("int8-ptq-mixed-bf16", kind="quantize", preset="mixed", inference_precision="bf16")
+    restoring = make("int8-mixed-bf16", kind="mixed", inference_precision="bf16")
+    static = make("int8-ptq-performance-bf16-static", kind="quantize", inference_precision="bf16", static_shapes=True)
+    weights = make("int8-weights", kind="weights")
+    timed = [(winner, 3.8)]
+    why = cannot_beat(preset, timed, 3.7, passed=[winner])
+    assert why is not None and why.startswith("not tried: int8-ptq-performance-bf16, of the same family")
+    assert cannot_beat(restoring, timed, 3.7, passed=[winner]) is not None
+    assert cannot_beat(static, timed, 3.7, passed=[winner]) is None  # compiled otherwise: a family of its own
+    # Weight-only INT8 computes in float: the OpenVINO FP32 IR, measured at 1.6x, is what it runs at.
+    fp32 = Recipe.make("openvino", "fp32", "fp32")
+    assert "fp32, of the same family (openvino, float, f32)" in str(cannot_beat(weights, [(fp32, 1.6)], 3.7))
+    dynamic = make("int8-dynamic", backend="onnxruntime", kind="dynamic")
+    low = prior(dynamic, transformer=False)
+    assert low < 1.0
+    assert "rarely the fastest" in str(cannot_beat(dynamic, [], 3.7, passed=[winner], prior_score=low))
+    assert cannot_beat(dynamic, [], None, prior_score=low) is None  # nothing passed yet: worth a try
+    qat = make("int8-qat", kind="qat")
+    assert cannot_beat(qat, [], 3.7, passed=[winner], prior_score=prior(qat, transformer=False)) is None

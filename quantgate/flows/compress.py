@@ -215,8 +215,14 @@ def run_candidates(
     with BuildWorker() as worker:
         state.worker = worker
         while pending:
-            pick = pending.pop(search.next_index(pending, quality_failed=state.quality_failed,
-                                                 quality_passed=state.quality_passed))  # fmt: skip
+            if policy.search.specialize_shapes and state.budget.seconds is not None:
+                live = {n: b for n, b in baselines.items() if isinstance(b, Baseline)}
+                wanted = bool(pipeline.shape_variants(list(results.values()), live))
+                state.budget.reserved = search.SPECIALIZE_RESERVE * state.budget.seconds if wanted else 0.0
+            pick = pending.pop(search.next_index(
+                pending, quality_failed=state.quality_failed, quality_passed=state.quality_passed,
+                failed_families=state.failed_families, best=state.best_vs_reference,
+            ))  # fmt: skip
             item = planned[pick.index]
             assert item.recipe is not None
             state.index += 1
@@ -233,6 +239,7 @@ def run_candidates(
                 progress.update(state)
             if not pending and fallback and qat_search.fallback_due(state):
                 pending, fallback = qat_search.enqueue(planned, fallback, state), []
+    state.budget.reserved = 0.0
     ready = {name: b for name, b in baselines.items() if isinstance(b, Baseline)}
     if policy.search.specialize_shapes:
         variants = pipeline.shape_variants(list(results.values()), ready)
