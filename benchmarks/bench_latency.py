@@ -1,13 +1,16 @@
 """Does quantgate's latency figure agree with the runtimes' own tools? One run, real pretrained models.
 
-For each model (benchmarks/realmodels.py) and artifact (ONNX Runtime FP32, OpenVINO FP32 IR, NNCF default INT8 IR):
+For each model (benchmarks/realmodels.py) and artifact (ONNX Runtime FP32, OpenVINO FP32 IR, NNCF default INT8 IR,
+and that INT8 IR compiled for its static input shape as quantgate's ``-static`` variants are):
 
 - quantgate: the latency validator's measurement, warm blocks rotating between the three runners in one process
   (``measure_blocked`` with the block length it chooses), p50 per runner and speedups over ONNX Runtime FP32;
 - ONNX Runtime: a plain tight loop over ``InferenceSession.run`` (same options: 1 intra-op thread, sequential);
 - OpenVINO: ``benchmark_app`` (its own process; 1 thread, 1 stream, 1 synchronous request: what the latency hint
   gives with one thread, but benchmark_app accepts -nthreads only with -hint none; the same input shape and
-  precision quantgate compiles with), its median latency.
+  precision quantgate compiles with; ``-shape`` for the static-shape artifact), its median latency;
+- the tools' figures are taken in alternating rounds and their medians kept, so the host's drift during the run
+  does not land in their ratios.
 
 The targets (issue 15): per artifact within 5%; for OpenVINO candidates the speedup over ONNX Runtime FP32 within 5%
 of the ratio benchmark_app and the tight loop give. Nothing is asserted: the table says what was measured.
@@ -63,25 +66,32 @@ def tight_loop_ms(path: Path, inputs: dict[str, np.ndarray], seconds: float) -> 
     return float(np.median(chunks))
 
 
-def benchmark_app_ms(xml: Path, shape: tuple[int, ...], input_name: str, precision: str, seconds: float) -> float:
+def benchmark_app_ms(
+    xml: Path, shape: tuple[int, ...], input_name: str, precision: str, seconds: float, *, static: bool = False
+) -> float:
     """OpenVINO's own tool, in its own process: the median latency it reports.
 
-    ``-data_shape``, not ``-shape``: the IRs keep the ONNX export's dynamic batch axis, as quantgate compiles and
-    serves them; ``-shape`` would reshape the model to a static one first, which OpenVINO runs 10-20% faster here
-    (PP-OCR direction classifier FP32: 2.29 ms static, 2.66 ms dynamic, batch 6).
+    ``-data_shape`` on the dynamic-batch IR, as quantgate compiles and serves the IRs by default; for a
+    shape-specialized artifact (quantgate's ``-static`` variants), ``-shape``: benchmark_app reshapes the model to
+    that static shape first, as the static runner does.
     """
     tool = shutil.which("benchmark_app") or str(Path(sys.executable).parent / "benchmark_app")
     dims = ",".join(str(d) for d in shape)
     cmd = [
         tool, "-m", str(xml), "-d", "CPU", "-hint", "none", "-nthreads", str(THREADS), "-nstreams", "1",
-        "-nireq", "1", "-api", "sync",
-        "-t", str(int(seconds)), "-data_shape", f"{input_name}[{dims}]", "-infer_precision", precision,
+        "-nireq", "1", "-api", "sync", "-t", str(max(int(seconds), 1)),
+        "-shape" if static else "-data_shape", f"{input_name}[{dims}]", "-infer_precision", precision,
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     match = re.search(r"Median:\s+([\d.]+) (ms|us)", out)  # it switches to microseconds below 1 ms
     if match is None:
         raise RuntimeError(f"benchmark_app printed no median latency:\n{out[-2000:]}")
     return float(match.group(1)) / (1000.0 if match.group(2) == "us" else 1.0)
+
+
+# The tools' measurements are taken in this many alternating rounds (ORT loop, then each benchmark_app) and the
+# median kept: one long measurement per tool, minutes apart, puts the host's drift between them into their ratio.
+TOOL_ROUNDS = 3
 
 
 def one_model(name: str, seconds: float, workdir: Path) -> list[dict[str, Any]]:
@@ -94,24 +104,26 @@ def one_model(name: str, seconds: float, workdir: Path) -> list[dict[str, Any]]:
     fp32_xml = workdir / f"{name}-fp32.xml"
     ov.save_model(ov.convert_model(str(prepared.onnx)), str(fp32_xml), compress_to_fp16=False)
     int8 = anchors.nncf_int8_default(prepared.onnx, prepared.calibration, workdir / f"{name}-nncf")
-    artifacts = {
-        "onnxruntime fp32": OrtRunner(prepared.onnx, THREADS),
-        "openvino fp32 IR (f32)": OvRunner(fp32_xml, THREADS, "f32"),
-        "openvino NNCF INT8 IR (f32 float parts)": OvRunner(int8.artifact, THREADS, "f32"),
+    irs = {  # label -> (IR, static shapes)
+        "openvino fp32 IR (f32)": (fp32_xml, False),
+        "openvino NNCF INT8 IR (f32 float parts)": (int8.artifact, False),
+        "openvino NNCF INT8 IR, static shape": (int8.artifact, True),
     }
+    artifacts: dict[str, Any] = {"onnxruntime fp32": OrtRunner(prepared.onnx, THREADS)}
+    artifacts |= {label: OvRunner(xml, THREADS, "f32", static_shapes=static) for label, (xml, static) in irs.items()}
     runners = list(artifacts.values())
     block = choose_blocks(runners, x, LatencyPolicy().min_block_ms, LatencyPolicy().switch_ms)
     timed = measure_blocked(runners, x, warmup=20, rounds=150, block_calls=block)
     p50 = {label: float(np.median(t.block_ms)) for label, t in zip(artifacts, timed, strict=True)}
     t_calls = {label: t.block_calls for label, t in zip(artifacts, timed, strict=True)}
-    ort_loop = tight_loop_ms(prepared.onnx, x, seconds)
-    app = {
-        "openvino fp32 IR (f32)": benchmark_app_ms(fp32_xml, spec.input_shape, spec.input_name, "f32", seconds),
-        "openvino NNCF INT8 IR (f32 float parts)": benchmark_app_ms(
-            int8.artifact, spec.input_shape, spec.input_name, "f32", seconds
-        ),
-    }
-    tool = {"onnxruntime fp32": ort_loop, **app}
+    taken: dict[str, list[float]] = {label: [] for label in artifacts}
+    share = seconds / TOOL_ROUNDS
+    for _ in range(TOOL_ROUNDS):
+        taken["onnxruntime fp32"].append(tight_loop_ms(prepared.onnx, x, share))
+        for label, (xml, static) in irs.items():
+            ms = benchmark_app_ms(xml, spec.input_shape, spec.input_name, "f32", share, static=static)
+            taken[label].append(ms)
+    tool = {label: float(np.median(v)) for label, v in taken.items()}
     ref_q, ref_t = p50["onnxruntime fp32"], tool["onnxruntime fp32"]
     rows = []
     for label in artifacts:
@@ -123,6 +135,7 @@ def one_model(name: str, seconds: float, workdir: Path) -> list[dict[str, Any]]:
                 "quantgate_p50_ms": p50[label],
                 "tool": "tight loop" if label.startswith("onnxruntime") else "benchmark_app",
                 "tool_ms": tool[label],
+                "tool_rounds_ms": taken[label],
                 "diff": p50[label] / tool[label] - 1,
                 "quantgate_speedup": ref_q / p50[label],
                 "tool_speedup": ref_t / tool[label],

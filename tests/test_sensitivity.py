@@ -150,7 +150,13 @@ def test_search_returns_the_smallest_k_with_few_builds(n: int, smallest: int) ->
     assert outcome.score == 1.0
     assert asked[0] == 0
     assert [k for k, _ in outcome.trace] == asked
-    assert len(asked) <= 2 + int(np.ceil(np.log2(n)))
+    assert len(asked) <= 2 + 2 * int(np.ceil(np.log2(n)))
+
+
+def test_search_finds_a_small_k_in_a_few_builds_however_many_layers() -> None:
+    asked, score = _monotone(2)  # 2 of 27 convolutions in float held the gate on the real CRAFT detector
+    outcome = search_float_layers(_ranking(27), score, threshold=0.99)
+    assert outcome.k == 2 and asked == [0, 1, 2]
 
 
 def test_search_stops_at_k0_when_the_quantized_model_passes() -> None:
@@ -169,18 +175,18 @@ def test_search_tries_all_float_last_and_reports_nothing_passing() -> None:
 
 def test_search_stops_at_the_deadline_with_the_best_passing_so_far() -> None:
     asked, score = _monotone(3)
-    # k=0, then k=10 (passes), then the deadline: the search returns k=10, saying it may not be the smallest.
-    outcome = search_float_layers(_ranking(20), score, threshold=0.99, deadline=_ExpiresAfter(2))
-    assert asked == [0, 10]
+    # k=0, 1, 2 fail, k=4 passes, then the deadline: the search returns k=4, saying it may not be the smallest.
+    outcome = search_float_layers(_ranking(20), score, threshold=0.99, deadline=_ExpiresAfter(4))
+    assert asked == [0, 1, 2, 4]
     assert outcome.passed and not outcome.complete
-    assert outcome.k == 10
+    assert outcome.k == 4
     assert "time budget" in outcome.reason
 
 
 def test_search_stopped_before_anything_passes_says_so() -> None:
     asked, score = _monotone(15)
     outcome = search_float_layers(_ranking(20), score, threshold=0.99, deadline=_ExpiresAfter(2))
-    assert asked == [0, 10]
+    assert asked == [0, 1]
     assert not outcome.passed and not outcome.complete
 
 
@@ -211,6 +217,35 @@ def test_scorer_thresholds_follow_the_metric(fragile: tuple[Path, Path, Path], t
 
     with pytest.raises(DataError, match="no 'labels' array"):
         AccuracyControl(NpzDataset.open(data), "accuracy", 0.01, 60.0)
+
+
+def test_the_scorer_decides_on_part_of_the_samples_only_when_the_answer_is_clear(
+    fragile: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    from quantgate.plugins.onnxruntime import OrtRunner
+
+    model, qdq, data = fragile
+    fp32, quantized = OrtRunner(model, threads=1), OrtRunner(qdq, threads=1)
+    x = np.load(data)["x"]
+    many = tmp_path / "many.npz"
+    np.savez(many, x=np.concatenate([x] * 4))  # 256 samples: quarters of 64
+    control = AccuracyControl(NpzDataset.open(many), "fidelity", 0.02, 60.0)
+    scorer = Scorer(control, lambda b: fp32.run(b)[0], batch_size=16)
+    assert scorer.score(lambda b: quantized.run(b)[0]) < 0.5 and scorer.last_samples == 64  # far below: a quarter
+
+    def half(b: dict[str, np.ndarray]) -> np.ndarray:  # every other sample quantized: per-sample scores spread
+        out = fp32.run(b)[0].copy()
+        out[::2] = quantized.run(b)[0][::2]
+        return out
+
+    everything = scorer.score(half)
+    assert scorer.last_samples == 64  # far below 0.98 too
+    # With the threshold at the mean itself, no part of the samples can decide: all 256 are scored.
+    at = Scorer(
+        AccuracyControl(NpzDataset.open(many), "fidelity", 1.0 - everything, 60.0), lambda b: fp32.run(b)[0], 16
+    )
+    at.score(half)
+    assert at.last_samples == 256
 
 
 def test_rank_layers_from_cached_fp32_activations_matches_whole_graph_runs(

@@ -56,7 +56,8 @@ from quantgate.sensitivity import (
 log = logging.getLogger(__name__)
 
 BUDGET_HINT = "raise accuracy_control.time_budget_s or lower accuracy_control.samples"
-RANKING_VERSION = 1  # bump when the ranking's QDQ settings or measure change: cached rankings are then ignored
+RANKING_CALIBRATION = 64  # calibration samples of the QDQ model the ranking quantizes with
+RANKING_VERSION = 2  # bump when the ranking's QDQ settings or measure change: cached rankings are then ignored
 _SEARCH_THREADS = max(1, min(4, os.cpu_count() or 1))
 _MAX_UNSEEN = 16  # OpenVINO-only compute ops measured (one nncf.quantize each); the rest are ranked last
 
@@ -178,6 +179,7 @@ class _Variants:
         self.ranking: list[LayerSensitivity] = []
         self.names: OvNames | None = None
         self.scores: dict[tuple[str, ...], float] = {}
+        self.scored_on: dict[tuple[str, ...], int] = {}  # samples scored: sequential scoring stops when it is clear
         self.interrupted: int | None = None  # the k whose build the budget stopped
         self._kept: dict[tuple[str, ...], Any] = {}
 
@@ -216,6 +218,7 @@ class _Variants:
             self.interrupted = len(layers)  # counts as failing; the search stops at its next deadline check
             return float("nan")
         score = self.scores[layers] = self.scorer.score(_first_output(_compile(quantized, self.precision)))
+        self.scored_on[layers] = self.scorer.last_samples
         if score >= self.scorer.threshold and all(len(layers) < len(k) for k in self._kept):
             self._kept = {layers: quantized}  # the only model held: the smallest passing variant so far
         return score
@@ -224,7 +227,7 @@ class _Variants:
         return self._kept[layers]
 
     def trace(self) -> str:
-        tried = [f"k={len(k)}: {s:.6f}" for k, s in self.scores.items()]
+        tried = [f"k={len(k)}: {s:.6f} ({self.scored_on.get(k, '?')} samples)" for k, s in self.scores.items()]
         if self.interrupted is not None:
             tried.append(f"k={self.interrupted}: stopped by the budget while building")
         return ", ".join(tried) or "nothing"
@@ -474,7 +477,10 @@ def _qdq_model(source: Path, out: Path, calib: Calibration, deadline: _Deadline)
         if deadline.expired():
             raise BudgetExhausted(f"{deadline.describe()} while calibrating the ONNX model the ranking quantizes")
 
-    reader = StreamingCalibrationReader(calib.dataset, batch_size=calib.batch_size, limit=calib.limit)
+    # The ranking is an estimate (every variant is then built by NNCF and scored for real): ranges from a few
+    # batches order the layers as well, and calibrating a large model on the whole set cost most of its minute.
+    limit = min(calib.limit or calib.dataset.n_samples, RANKING_CALIBRATION)
+    reader = StreamingCalibrationReader(calib.dataset, batch_size=calib.batch_size, limit=limit)
     ranges = calibrate(source, reader, "minmax", out.with_suffix(".calibration.json"), check=check)
     root = logging.getLogger()
     root.addFilter(_not_preprocessed)
