@@ -383,7 +383,8 @@ def evaluate(
         why = f"not tried: the search budget was spent ({state.budget.describe()})"
         return CandidateRun(skipped_result(recipe, why, hardware, policy))
     hopeless = None
-    if not state.exhaustive:
+    # A recipe the policy names is measured (budget allowing): pruning is for the search's own menu.
+    if not state.exhaustive and not policy.recipes:
         score = search.prior(recipe, transformer=model.is_transformer)
         hopeless = search.cannot_beat(
             recipe, state.timed, state.best_vs_reference, passed=state.passed, prior_score=score

@@ -514,6 +514,8 @@ RunFn = Callable[[Inputs], np.ndarray]  # a model's first output for one batch
 # Sequential scoring: decide once the mean is this many standard errors from the threshold, looking first after
 # this many samples (or a quarter of them).
 SEQUENTIAL_Z = 4.0
+# The share of the gate's allowed drop that a float-restoring search keeps in hand (see Scorer).
+SEARCH_MARGIN = 0.25
 SEQUENTIAL_MIN = 48
 
 
@@ -527,7 +529,10 @@ class Scorer:
         outputs = [fp32(batch) for batch, _ in self._batches()]
         self._reference = outputs if control.metric == "fidelity" else None
         self.fp32_score = 1.0 if control.metric == "fidelity" else self._top1(outputs)
-        self.threshold = self.fp32_score - control.max_drop
+        self.gate_threshold = self.fp32_score - control.max_drop
+        # The gate is judged on other samples than these: a variant that only just holds here failed it there
+        # (CRAFT, k=2: fidelity 0.9910 on calibration images, 0.9869 on the evaluation set). Keep a margin.
+        self.threshold = self.fp32_score - control.max_drop * (1.0 - SEARCH_MARGIN)
         self.last_samples = control.samples
 
     def _batches(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
@@ -573,5 +578,6 @@ class Scorer:
     def describe(self) -> str:
         return (
             f"{self.control.metric} on {self.control.samples} samples of {self.control.validation.path.name} "
-            f"(FP32 {self.fp32_score:.6f}, threshold {self.threshold:.6f})"
+            f"(FP32 {self.fp32_score:.6f}, threshold {self.threshold:.6f}: the gate's {self.gate_threshold:.6f} with "
+            f"{SEARCH_MARGIN:.0%} of its allowance kept as margin)"
         )

@@ -69,6 +69,7 @@ def test_compress_against_a_real_tracking_server_registers_a_servable_version(
             recipes=["int8-static-qdq-minmax-perchannel", "int8-ptq-performance"],
             gate={"min_speedup": 1.0},  # both register; which one wins is not this test's question
             registry={"register_all_passing": True},
+            search={"specialize_shapes": False},  # one version per backend (tests/serving covers the shape variant)
         )
         policy.write_text(yaml.safe_dump(both))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
