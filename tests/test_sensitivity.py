@@ -13,11 +13,11 @@ import pytest
 from quantgate.data import NpzDataset
 from quantgate.errors import DataError
 from quantgate.sensitivity import (
+    SEARCH_MARGIN,
     AccuracyControl,
     BudgetExhausted,
     Deadline,
     LayerSensitivity,
-    SEARCH_MARGIN,
     Scorer,
     rank_layers,
     search_float_layers,
