@@ -432,9 +432,20 @@ def _png_img(png: bytes, alt: str) -> str:
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
 
 
-def html_report(doc: Doc, gate: Mapping[str, Any] | None = None) -> str:
-    """One file a reviewer can open anywhere (MLflow artifact view, Prefect, a browser): no external assets."""
+def html_report(doc: Doc, gate: Mapping[str, Any] | None = None, pngs: Mapping[str, bytes] | None = None) -> str:
+    """One file a reviewer can open anywhere (MLflow artifact view, Prefect, a browser): no external assets.
+
+    ``pngs``: the plots already drawn for this document ("tradeoff", "latency", "sizes"), so they are not drawn twice.
+    """
     from quantgate import plots  # imported here: plots reads documents with this module's helpers
+
+    drawn = dict(pngs or {})
+    if not drawn:
+        drawn = {
+            "tradeoff": plots.plot_tradeoff(doc, gate),
+            "latency": plots.plot_latency(doc),
+            "sizes": plots.plot_sizes(doc, gate),
+        }
 
     e = html.escape
     src = doc.get("source") or {}
@@ -460,9 +471,9 @@ def html_report(doc: Doc, gate: Mapping[str, Any] | None = None) -> str:
         if losers
         else "",
         "<h2>Plots</h2>",
-        _png_img(plots.plot_tradeoff(doc, gate), "accuracy or fidelity against speedup"),
-        _png_img(plots.plot_latency(doc), "latency p50 and p95 per candidate and baseline"),
-        _png_img(plots.plot_sizes(doc, gate), "size ratio per candidate"),
+        _png_img(drawn["tradeoff"], "accuracy or fidelity against speedup"),
+        _png_img(drawn["latency"], "latency p50 and p95 per candidate and baseline"),
+        _png_img(drawn["sizes"], "size ratio per candidate"),
         f"<h2>Hardware</h2><p>{e(_hardware_text(hw))}</p>",
         f"<p>Libraries: {e(_libraries_text(hw))}</p>" if _libraries_text(hw) else "",
         "<h2>Run</h2><ul>" + "".join(f"<li>{e(k)}: <code>{e(str(v))}</code></li>" for k, v in run) + "</ul>",

@@ -97,10 +97,16 @@ def _log_candidate(
     cand.run_id = run_id
     params = {"backend": cand.backend, "recipe": cand.recipe.name, "recipe_hash": cand.recipe.digest}
     params.update({f"recipe.{k}": str(v) for k, v in cand.recipe.settings})
-    for key, value in params.items():
-        client.log_param(run_id, key, value)
-    for name, metric in sorted(cand.metrics.items()):
-        client.log_metric(run_id, name, float(metric))
+    # Batches, not a request per value: a candidate has 30-60 metrics and a run logs every candidate's (MLflow takes
+    # at most 1000 metrics and 100 params per batch).
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(name, float(metric), now, 0) for name, metric in sorted(cand.metrics.items())]
+    param_list = [Param(key, value) for key, value in params.items()]
+    for start in range(0, max(len(metrics), len(param_list) * 10, 1), 1000):
+        chunk = param_list[start // 10 : start // 10 + 100]
+        client.log_batch(run_id, metrics=metrics[start : start + 1000], params=chunk)
     _log_loss_curve(client, run_id, cand)
     model_uri = None
     if log_model and cand.artifact is not None:
@@ -331,15 +337,19 @@ def publish_report(client: Any, run_id: str, doc: dict[str, Any], gate: dict[str
     """The review material on the parent run: a comparison table the UI renders, Markdown/HTML reports, plots."""
     import pandas as pd
 
+    pngs = {
+        "latency": plots.plot_latency(doc),
+        "tradeoff": plots.plot_tradeoff(doc, gate),
+        "sizes": plots.plot_sizes(doc, gate),
+    }
     client.log_table(run_id, pd.DataFrame(report.comparison_rows(doc)), "comparison_table.json")
     client.log_text(run_id, report.markdown_report(doc), "report.md")
-    client.log_text(run_id, report.html_report(doc, gate), "report.html")
+    client.log_text(run_id, report.html_report(doc, gate, pngs), "report.html")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "plots"
         folder.mkdir()
-        (folder / "latency.png").write_bytes(plots.plot_latency(doc))
-        (folder / "tradeoff.png").write_bytes(plots.plot_tradeoff(doc, gate))
-        (folder / "sizes.png").write_bytes(plots.plot_sizes(doc, gate))
+        for name, png in pngs.items():
+            (folder / f"{name}.png").write_bytes(png)
         client.log_artifacts(run_id, str(folder), "plots")
 
 
