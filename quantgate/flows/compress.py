@@ -17,7 +17,7 @@ from quantgate import pipeline, qat, qat_search, registry, report, search, targe
 from quantgate.build import BuildWorker
 from quantgate.cache import CandidateCache, RunKey
 from quantgate.errors import BackendError, InfrastructureError, InputError, infrastructure_cause
-from quantgate.flows import dispatch
+from quantgate.flows import dispatch, orphans
 from quantgate.flows.locks import PrefectLock
 from quantgate.hardware import Hardware, detect
 from quantgate.model import ModelInfo
@@ -470,6 +470,8 @@ def compress_model(
     """
     parsed = parse_policy(policy or {})
     uri = registry.resolve_tracking_uri(tracking_uri)
+    orphans.claim_current_run()
+    orphans.crash_dead_runs()
     try:
         with run_workdir() as tmp:
             return run_compression(model_uri, parsed, uri, tmp).to_document()

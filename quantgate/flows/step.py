@@ -14,6 +14,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from quantgate import pipeline, registry, targets, tracking
+from quantgate.flows import orphans
 from quantgate.flows.compress import MLFLOW_RETRY, Clock, data_task, intake_task, resolve_task, run_candidates
 from quantgate.hardware import detect
 from quantgate.model import ModelInfo
@@ -81,5 +82,6 @@ def compress_step(
     """
     parsed = parse_policy(policy)
     uri = registry.resolve_tracking_uri(tracking_uri)
+    orphans.claim_current_run()
     with run_workdir() as tmp:
         return run_step(model_uri, parsed, uri, parent_run_id, pool, tuple(backends), tmp)
