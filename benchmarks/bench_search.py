@@ -85,7 +85,11 @@ def cli(argv: list[str], home: Path, pythonpath: str | None = None) -> tuple[dic
         env["PYTHONPATH"] = pythonpath
     code = "import sys; from quantgate.cli import main; sys.argv[0] = 'quantgate'; main()"
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, check=False)
+    # cwd=home: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH, so run from the
+    # bench's checkout it would import that quantgate instead of the one asked for.
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv], env=env, cwd=home, capture_output=True, text=True, check=False
+    )
     wall = time.perf_counter() - start
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"quantgate compress exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
