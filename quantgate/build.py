@@ -31,7 +31,8 @@ from quantgate.plugins.base import (
     Candidate,
     FineTunes,
     Recipe,
-    load_backend,
+    TunesAccuracy,
+    fresh_backend,
     set_build_progress,
 )
 from quantgate.sensitivity import AccuracyControl
@@ -56,11 +57,12 @@ class BuildJob:
 
 def build(job: BuildJob, backend: Backend | None = None) -> Candidate:
     """Run one recipe's compress step in this process: the worker's call, or the run's own ``backend`` in-process."""
-    backend = backend or load_backend(job.backend)
-    configure = getattr(backend, "configure_accuracy_control", None)
-    if job.tuning is not None and configure is not None:
+    backend = backend or fresh_backend(job.backend)
+    if job.tuning is not None and isinstance(backend, TunesAccuracy):
         t = job.tuning
-        configure(t.validation, t.metric, t.max_drop, t.time_budget_s, limit=t.limit, caveat=t.caveat)
+        backend.configure_accuracy_control(
+            t.validation, t.metric, t.max_drop, t.time_budget_s, limit=t.limit, caveat=t.caveat
+        )
     if job.qat is not None and isinstance(backend, FineTunes):
         backend.configure_qat(job.qat)
     return backend.compress(job.model, job.recipe, job.calibration, job.workdir)

@@ -33,7 +33,6 @@ _NUMERIC = (
     "latency_p95_ms",
     "baseline_latency_p50_ms",
 )
-_REFERENCE_BACKEND = "onnxruntime"
 
 
 # --- reading the document -------------------------------------------------------------------------------------------
@@ -128,7 +127,10 @@ def comparison_rows(doc: Doc) -> list[Row]:
     checks = _check_names(doc)
     rows: list[Row] = []
     bases = baselines(doc)
-    ort = bases.get(_REFERENCE_BACKEND)
+    from quantgate.plugins.base import reference_name  # lazily: reading a document needs no plugin otherwise
+
+    reference = reference_name()
+    ort = bases.get(reference)
     ort_p50 = metric(ort, "baseline_latency_p50_ms") if ort is not None else None
     for backend, cand in bases.items():
         p50 = metric(cand, "baseline_latency_p50_ms")
@@ -144,7 +146,7 @@ def comparison_rows(doc: Doc) -> list[Row]:
             accuracy=acc,
             accuracy_drop=0.0 if acc is not None else None,
             speedup=1.0,
-            speedup_vs_ort_fp32=1.0 if backend == _REFERENCE_BACKEND else vs_ort,
+            speedup_vs_ort_fp32=1.0 if backend == reference else vs_ort,
             size_ratio=1.0,
             latency_p50_ms=p50,
             latency_p95_ms=metric(cand, "baseline_latency_p95_ms"),

@@ -24,6 +24,7 @@ from quantgate.plugins.base import (
     Availability,
     Calibration,
     Candidate,
+    ModelLogging,
     Recipe,
     Runner,
     SettingValue,
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NAME = "onnxruntime"
+SERVING_LIBRARIES = ("mlflow", "onnx", "onnxruntime", "numpy")
 MIXED = "int8-static-mixed"
 QAT = "int8-qat"
 # What QAT candidates are quantized with after fine-tuning: the static recipe whose scheme the fake quantizers mimic.
@@ -125,6 +127,9 @@ class OnnxRuntimeBackend:
     """``int8-static-mixed`` needs :meth:`configure_accuracy_control` on the same instance before :meth:`compress`."""
 
     name = NAME
+    # The reference runtime: a core dependency, on every host, and the common yardstick across backends.
+    reference_label = "ONNX Runtime FP32"
+    reference_rank = 0
 
     def __init__(self) -> None:
         self._control: AccuracyControl | None = None
@@ -135,6 +140,22 @@ class OnnxRuntimeBackend:
         from quantgate import qat
 
         return [qat.make_recipe(NAME, QAT, "int8", scheme=NAME, finish=QAT_FINISH)]
+
+    def log_model(self, request: ModelLogging) -> str:
+        """MLflow's ``onnx`` flavor on the CPU provider."""
+        import mlflow
+        from mlflow.models import Model
+
+        from quantgate.serving import pins
+
+        info = Model.log(
+            flavor=mlflow.onnx,
+            onnx_model=onnx.load(str(request.artifact)),
+            pip_requirements=pins(request.libraries, SERVING_LIBRARIES),
+            onnx_execution_providers=["CPUExecutionProvider"],
+            **request.mlflow_args,
+        )
+        return str(info.model_uri)
 
     def configure_qat(self, job: object) -> None:
         from quantgate.qat import QatJob

@@ -18,11 +18,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from quantgate.data import NpzDataset
-from quantgate.plugins.base import BareCall, Runner
+from quantgate.plugins.base import BareCall, Runner, reference_name
 from quantgate.policy import LatencyPolicy
 from quantgate.validators.base import LatencyTarget, Measurement, ValidationContext
 
-REFERENCE_BACKEND = "onnxruntime"
 _BOOTSTRAP = 1000
 _SEED = 20261123
 MAX_BLOCK_CALLS = 64
@@ -333,7 +332,7 @@ class LatencyValidator:
         metrics: dict[str, float] = {"threads": float(cfg.threads)}
         details: dict[str, object] = {"threads": cfg.threads, "batch_sizes": list(cfg.batch_sizes)}
         reference = ctx.reference_runner
-        on_reference = ctx.baseline.recipe.backend == REFERENCE_BACKEND
+        on_reference = ctx.baseline.recipe.backend == reference_name()
         for i, size in enumerate(cfg.batch_sizes):
             inputs = _batch(ctx, size)
             runners = [ctx.baseline_runner, ctx.candidate_runner]
