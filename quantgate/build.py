@@ -9,6 +9,7 @@ over 20 minutes against a 10-minute budget). A process can always be stopped. On
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import time
 from collections.abc import Callable
@@ -124,7 +125,8 @@ class BuildWorker:
         conn.send((fn, arg))
         while True:
             left = timeout_s - (time.monotonic() - started)
-            if not conn.poll(max(left, 0.0)):
+            # No budget (an exhaustive search) is an infinite timeout, which poll() cannot take: it waits unbounded.
+            if not conn.poll(None if math.isinf(left) else max(left, 0.0)):
                 self.kill()
                 raise BuildTimeout(
                     f"{what} was stopped after {time.monotonic() - started:.1f} s: it ran past the "
