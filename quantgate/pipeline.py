@@ -105,7 +105,7 @@ def intake(source: registry.SourceVersion, workdir: Path, *, allow_pickle: bool 
     except BackendError as exc:
         raise InvalidModel(f"{source.uri}: {exc}") from None
     log.info("intake: %s flavor, inputs %s", flavor, ", ".join(t.describe() for t in model.inputs))
-    return Intake(model, flavor, local)
+    return Intake(replace(model, flavor=flavor, source_dir=local), flavor, local)
 
 
 def _data_uri(role: str, policy: Policy, source: registry.SourceVersion) -> str:
