@@ -8,12 +8,14 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock requirements-litert.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found (quantgate needs Python 3.11)"; exit 2; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip wheel setuptools
 	# torch is pinned to the CPU build; an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet -r requirements.lock
+	# The LiteRT backend's packages, each pinned, --no-deps: their declared ranges conflict with the lock (see the file).
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-litert.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
