@@ -79,7 +79,6 @@ class ValidationContext:
     open_trivial: Callable[[], tuple[Runner, dict[str, np.ndarray]]] | None = None
     # What latency measuring must decide (gate threshold, best so far), so it can stop once it has.
     latency_target: LatencyTarget | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
     @cached_property
     def candidate_outputs(self) -> EvalOutputs:
