@@ -4,16 +4,18 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint typecheck bench bench-env clean local-prefect-stop browser stack stack-down
+.PHONY: install demo test test-fast lint typecheck imports bench bench-env clean local-prefect-stop browser stack stack-down
 
 install: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock requirements-litert.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found (quantgate needs Python 3.11)"; exit 2; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip wheel setuptools
 	# torch is pinned to the CPU build; an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet -r requirements.lock
+	# The LiteRT backend's packages, each pinned, --no-deps: their declared ranges conflict with the lock (see the file).
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-litert.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
@@ -27,6 +29,11 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# The layering contracts in pyproject.toml ([tool.importlinter]): the domain never imports Prefect, plugins never
+# import flows or automation, backends never import each other.
+imports: install
+	$(BIN)/lint-imports
+
 # The browser test drives Debian's `chromium` package (a browser is never downloaded by Playwright). Installed here
 # when missing and possible (root + apt-get); otherwise that one test skips and says why.
 browser:
@@ -36,7 +43,7 @@ browser:
 	      timeout 600 apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
 	  echo "make: chromium is not installed and could not be installed; the browser test will be skipped"
 
-test: lint typecheck browser
+test: lint typecheck imports browser
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: install

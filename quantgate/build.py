@@ -9,6 +9,7 @@ over 20 minutes against a 10-minute budget). A process can always be stopped. On
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import time
 from collections.abc import Callable
@@ -31,7 +32,8 @@ from quantgate.plugins.base import (
     Candidate,
     FineTunes,
     Recipe,
-    load_backend,
+    TunesAccuracy,
+    fresh_backend,
     set_build_progress,
 )
 from quantgate.sensitivity import AccuracyControl
@@ -56,11 +58,12 @@ class BuildJob:
 
 def build(job: BuildJob, backend: Backend | None = None) -> Candidate:
     """Run one recipe's compress step in this process: the worker's call, or the run's own ``backend`` in-process."""
-    backend = backend or load_backend(job.backend)
-    configure = getattr(backend, "configure_accuracy_control", None)
-    if job.tuning is not None and configure is not None:
+    backend = backend or fresh_backend(job.backend)
+    if job.tuning is not None and isinstance(backend, TunesAccuracy):
         t = job.tuning
-        configure(t.validation, t.metric, t.max_drop, t.time_budget_s, limit=t.limit, caveat=t.caveat)
+        backend.configure_accuracy_control(
+            t.validation, t.metric, t.max_drop, t.time_budget_s, limit=t.limit, caveat=t.caveat
+        )
     if job.qat is not None and isinstance(backend, FineTunes):
         backend.configure_qat(job.qat)
     return backend.compress(job.model, job.recipe, job.calibration, job.workdir)
@@ -122,7 +125,8 @@ class BuildWorker:
         conn.send((fn, arg))
         while True:
             left = timeout_s - (time.monotonic() - started)
-            if not conn.poll(max(left, 0.0)):
+            # No budget (an exhaustive search) is an infinite timeout, which poll() cannot take: it waits unbounded.
+            if not conn.poll(None if math.isinf(left) else max(left, 0.0)):
                 self.kill()
                 raise BuildTimeout(
                     f"{what} was stopped after {time.monotonic() - started:.1f} s: it ran past the "

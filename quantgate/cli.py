@@ -410,24 +410,44 @@ def demo(
 @app.command()
 def backends() -> None:
     """List every installed backend, whether it is available on this host, and why not."""
-    from quantgate.plugins.base import backend_names, load_backend
+    from quantgate.plugins.base import BACKENDS, ReferenceRuntime, reference_name
 
     _quiet_libraries()
+    reference = reference_name()
     table = Table("backend", "available", "why not / what runs here")
-    for name in backend_names():
-        try:
-            backend = load_backend(name)
-            status = backend.available()
-        except QuantgateError as exc:
-            table.add_row(name, "[red]no[/]", escape(str(exc)))
+    for plugin in BACKENDS.installed():
+        if plugin.error is not None:
+            table.add_row(plugin.name, "[red]refused[/]", escape(plugin.error))
             continue
+        backend = BACKENDS.load(plugin.name)
+        status = backend.available()
+        ref = (
+            "; the reference runtime for ranking"
+            if isinstance(backend, ReferenceRuntime) and (backend.name == reference)
+            else ""
+        )
         if status.ok:
-            table.add_row(name, "[green]yes[/]", "")
+            table.add_row(plugin.name, "[green]yes[/]", ref.removeprefix("; "))
             continue
         why = escape(f"{status.reason} ({status.hint})" if status.hint else status.reason)
         if status.prepares_here:
-            why += "; its host-independent step (and a quality check on ONNX Runtime) still runs here"
-        table.add_row(name, "[red]no[/]", why)
+            why += "; its host-independent step (and a quality check on the reference runtime) still runs here"
+        table.add_row(plugin.name, "[red]no[/]", why + ref)
+    out.print(table)
+
+
+@app.command()
+def validators() -> None:
+    """List every installed validator, and why one that is installed cannot be used."""
+    from quantgate.validators.base import VALIDATORS
+
+    _quiet_libraries()
+    table = Table("validator", "entry point", "loaded", "why not")
+    for plugin in VALIDATORS.installed():
+        ok = plugin.error is None
+        table.add_row(
+            plugin.name, plugin.target, "[green]yes[/]" if ok else "[red]refused[/]", escape(plugin.error or "")
+        )
     out.print(table)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from quantgate.plugins.base import reference_label
 from quantgate.policy import GatePolicy
 
 
@@ -65,10 +66,6 @@ def _fidelity(m: Mapping[str, float], limit: float) -> Check:
     return Check("fidelity", value >= limit, f"fidelity (mean cosine) {value:.5f}, at least {limit:.5f} required")
 
 
-# The reference runtime's name as the gate's text says it (its metrics are ``speedup_vs_ort_fp32*``).
-REFERENCE_LABEL = "ONNX Runtime FP32"
-
-
 def _speedup(
     m: Mapping[str, float], limit: float, statistic: str, on: str = "warm", against: str = "own_fp32"
 ) -> Check:
@@ -89,7 +86,7 @@ def _speedup(
     ci = f" (95% CI {m.get(base + '_ci_low', 0):.2f}-{m.get(base + '_ci_high', 0):.2f}"
     ci += f", warm blocks of {int(m['block_calls'])} calls)" if "block_calls" in m else ")"
     what = "speedup" if statistic == "p50" else "speedup lower bound"
-    over = f" over {REFERENCE_LABEL}" if against == "reference" else ""
+    over = f" over {reference_label()}" if against == "reference" else ""
     text = f"{what}{over} {m[key]:.2f}x at batch {batch}{ci}, at least {limit:.2f}x required"
     return Check("speedup", m[key] >= limit, text)
 

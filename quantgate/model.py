@@ -34,6 +34,10 @@ class ModelInfo:
     outputs: tuple[TensorSpec, ...]
     opset: int
     is_transformer: bool = False
+    # The registered version as downloaded, before the ONNX intake: a backend that converts from the source format
+    # itself (LiteRT from a pytorch program: ``quantgate.intake.torch_source(source_dir)``) reads it; only read.
+    flavor: str | None = None
+    source_dir: Path | None = None
 
     @property
     def input_names(self) -> list[str]:

@@ -26,6 +26,7 @@ from quantgate.errors import (
     InvalidModel,
     NeedsTargetHardware,
     PolicyError,
+    QuantgateError,
     raise_if_infrastructure,
 )
 from quantgate.gate import Check, Verdict
@@ -39,7 +40,10 @@ from quantgate.plugins.base import (
     Recipe,
     Runner,
     SpecializesShapes,
+    first_line,
+    fresh_backend,
     load_backend,
+    reference_name,
     select_recipes,
     set_build_progress,
 )
@@ -56,7 +60,6 @@ from quantgate.validators.base import (
     load_validators,
 )
 from quantgate.validators.latency import (
-    REFERENCE_BACKEND,
     Block,
     choose_blocks,
     latency_batch,
@@ -102,7 +105,7 @@ def intake(source: registry.SourceVersion, workdir: Path, *, allow_pickle: bool 
     except BackendError as exc:
         raise InvalidModel(f"{source.uri}: {exc}") from None
     log.info("intake: %s flavor, inputs %s", flavor, ", ".join(t.describe() for t in model.inputs))
-    return Intake(model, flavor, local)
+    return Intake(replace(model, flavor=flavor, source_dir=local), flavor, local)
 
 
 def _data_uri(role: str, policy: Policy, source: registry.SourceVersion) -> str:
@@ -254,7 +257,7 @@ def baseline_for(
     reference: Baseline | None = None,
 ) -> Baseline:
     """Build and run the FP32 baseline; a baseline that cannot be built or run is a ``BackendError``."""
-    backend = load_backend(backend_name)
+    backend = fresh_backend(backend_name)  # the run configures it (accuracy control, fine-tuning) before building
     try:
         cand = backend.baseline(model, workdir / backend_name)
         runner = backend.runner(cand, threads=policy.latency.threads)
@@ -394,7 +397,7 @@ def evaluate(
     state.emit("build", label)
     try:
         cand = prebuilt if prebuilt is not None else _build(base, recipe, model, data, policy, workdir, state)
-        runner = base.backend.runner(cand, threads=policy.latency.threads)
+        runner = open_runner(base.backend, cand, policy.latency.threads)
     except BuildTimeout as exc:
         return CandidateRun(skipped_result(recipe, str(exc), hardware, policy), time.perf_counter() - t0)
     except (BackendError, BackendUnavailable) as exc:  # one recipe's failure: the others go on
@@ -410,6 +413,21 @@ def evaluate(
     if state.cache is not None and key is not None and not result.verdict.skipped:
         state.cache.put(key, result, cand.files or (cand.artifact,))
     return run
+
+
+def open_runner(backend: Backend, cand: Candidate, threads: int) -> Runner:
+    """The backend's runner for ``cand``; a runtime that cannot open what its backend built fails that candidate.
+
+    Built-in backends raise ``BackendError`` themselves; a plugin's runtime may raise anything, and one plugin's
+    artifact must not end a run that other backends' candidates are part of.
+    """
+    try:
+        return backend.runner(cand, threads=threads)
+    except (QuantgateError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        raise_if_infrastructure(exc, f"{backend.name}/{cand.recipe.name}")
+        raise BackendError(f"{backend.name} cannot run its {cand.recipe.name} artifact: {first_line(exc)}") from exc
 
 
 def _validate(
@@ -492,7 +510,7 @@ def _probe(
     if state.exhaustive or fam in state.probed or state.budget.exhausted:
         return {}, ()
     reference = base.reference if base.reference is not None else base.runner
-    if base.reference is None and base.backend.name != REFERENCE_BACKEND:
+    if base.reference is None and base.backend.name != reference_name():
         return {}, ()
     state.probed.add(fam)
     inputs = latency_batch(data.evaluation, policy.latency.batch_sizes[0])
@@ -528,7 +546,7 @@ def _record_timing(state: SearchState, recipe: Recipe, metrics: dict[str, float]
         state.passed.append(recipe)
     # The FP32 baselines, measured beside this candidate: their float f32 families' speeds (a point estimate, with
     # the 5% a shared host's noise gives it), what weight-only INT8 and FP16 storage run at.
-    fp32 = {REFERENCE_BACKEND: 1.05}  # the reference itself
+    fp32 = {reference_name(): 1.05}  # the reference itself
     if "baseline_speedup_vs_ort_fp32" in metrics:
         fp32[recipe.backend] = metrics["baseline_speedup_vs_ort_fp32"] * 1.05
     for backend, high in fp32.items():
@@ -773,7 +791,7 @@ def playoff(
     passing candidates whose interval reaches the best one's lower bound, at most ``PLAYOFF_SIZE``.
     """
     key = "speedup_vs_ort_fp32"
-    reference = bases.get(REFERENCE_BACKEND)
+    reference = bases.get(reference_name())
     passing = [r for r in results if r.passed and key in r.metrics and r.artifact is not None and r.backend in bases]
     if reference is None or len(passing) < 2:
         return

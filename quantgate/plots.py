@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from quantgate.report import Doc, baselines, candidates, label, metric, status
+from quantgate.documents import Doc, baselines, candidates, label, metric, status
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -11,13 +11,26 @@ import html
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
-if TYPE_CHECKING:
-    pass
+from quantgate.documents import (
+    Doc,
+    _check_names,
+    _check_result,
+    _checks,
+    _reasons,
+    _verdict,
+    _winner,
+    baselines,
+    candidates,
+    label,
+    metric,
+    status,
+)
 
-Doc = Mapping[str, Any]
+__all__ = ["Doc", "baselines", "candidates", "comparison_rows", "label", "markdown_report", "metric", "status"]
+
 Row = dict[str, str | float | None]
 
 _NUMERIC = (
@@ -33,78 +46,6 @@ _NUMERIC = (
     "latency_p95_ms",
     "baseline_latency_p50_ms",
 )
-_REFERENCE_BACKEND = "onnxruntime"
-
-
-# --- reading the document -------------------------------------------------------------------------------------------
-
-
-def metric(cand: Mapping[str, Any], key: str) -> float | None:
-    """A finite number or None: NaN/inf would break the JSON that Prefect artifacts are stored as."""
-    for source in (cand.get("all_metrics") or {}, cand.get("metrics") or {}):
-        value = source.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-    return None
-
-
-def candidates(doc: Doc) -> list[Mapping[str, Any]]:
-    return list(doc.get("candidates") or [])
-
-
-def label(cand: Mapping[str, Any]) -> str:
-    return f"{cand.get('backend', '?')}/{cand.get('recipe', '?')}"
-
-
-def _verdict(cand: Mapping[str, Any]) -> str:
-    if cand.get("promoted"):
-        return "PROMOTED"
-    return "passed" if cand.get("passed") else "skipped" if cand.get("status") == "skipped" else "failed"
-
-
-def status(cand: Mapping[str, Any]) -> str:
-    if cand.get("promoted"):
-        return "win"
-    return "pass" if cand.get("passed") else "skip" if cand.get("status") == "skipped" else "fail"
-
-
-def _winner(doc: Doc) -> Mapping[str, Any] | None:
-    return next((c for c in candidates(doc) if c.get("promoted")), None)
-
-
-def _checks(cand: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    return list(cand.get("checks") or [])
-
-
-def _check_names(doc: Doc) -> list[str]:
-    names: dict[str, None] = {}
-    for cand in candidates(doc):
-        names.update((str(ch.get("name")), None) for ch in _checks(cand))
-    return list(names)
-
-
-def _reasons(cand: Mapping[str, Any]) -> list[str]:
-    reasons = [str(r) for r in cand.get("reasons") or []]
-    return reasons or [str(ch.get("detail", "")) for ch in _checks(cand) if not ch.get("passed")]
-
-
-def _check_result(cand: Mapping[str, Any], name: str) -> str:
-    """'pass', 'FAIL' or '' (not applied); a candidate with metrics evidently built, so its build check passed."""
-    for ch in _checks(cand):
-        if ch.get("name") == name:
-            return "pass" if ch.get("passed") else "FAIL"
-    if name == "build" and (cand.get("all_metrics") or cand.get("metrics")):
-        return "pass"
-    return ""
-
-
-def baselines(doc: Doc) -> dict[str, Mapping[str, Any]]:
-    """The first measured candidate per backend: its baseline_* metrics describe that backend's FP32 run."""
-    out: dict[str, Mapping[str, Any]] = {}
-    for cand in candidates(doc):
-        if metric(cand, "baseline_latency_p50_ms") is not None:
-            out.setdefault(str(cand.get("backend")), cand)
-    return out
 
 
 # --- table rows ----------------------------------------------------------------------------------------------------
@@ -128,7 +69,10 @@ def comparison_rows(doc: Doc) -> list[Row]:
     checks = _check_names(doc)
     rows: list[Row] = []
     bases = baselines(doc)
-    ort = bases.get(_REFERENCE_BACKEND)
+    from quantgate.plugins.base import reference_name  # lazily: reading a document needs no plugin otherwise
+
+    reference = reference_name()
+    ort = bases.get(reference)
     ort_p50 = metric(ort, "baseline_latency_p50_ms") if ort is not None else None
     for backend, cand in bases.items():
         p50 = metric(cand, "baseline_latency_p50_ms")
@@ -144,7 +88,7 @@ def comparison_rows(doc: Doc) -> list[Row]:
             accuracy=acc,
             accuracy_drop=0.0 if acc is not None else None,
             speedup=1.0,
-            speedup_vs_ort_fp32=1.0 if backend == _REFERENCE_BACKEND else vs_ort,
+            speedup_vs_ort_fp32=1.0 if backend == reference else vs_ort,
             size_ratio=1.0,
             latency_p50_ms=p50,
             latency_p95_ms=metric(cand, "baseline_latency_p95_ms"),

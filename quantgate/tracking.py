@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from quantgate import faults, plots, processes, qat, registration, registry, report, serving, targets
-from quantgate.errors import RegistrationError
+from quantgate.errors import BackendError, BackendUnavailable, RegistrationError
 from quantgate.hardware import Hardware, backend_versions
 from quantgate.model import ModelInfo
 from quantgate.policy import Policy
@@ -110,7 +110,12 @@ def _log_candidate(
     _log_loss_curve(client, run_id, cand)
     model_uri = None
     if log_model and cand.artifact is not None:
-        model_uri = serving.log_candidate_model(client, exp_id, run_id, cand, model)
+        try:
+            model_uri = serving.log_candidate_model(client, exp_id, run_id, cand, model)
+        except (BackendError, BackendUnavailable) as exc:  # costs this candidate its registration, not the run
+            log.warning("%s", exc)
+            cand.notes.append(f"not registered: {exc}")
+            client.set_tag(run_id, TAG + "serving_error", redact(str(exc))[:500])
         cand.logged_model_uri = model_uri
     _log_json(client, run_id, "report.json", cand.to_record())
     client.set_terminated(run_id, "FINISHED")

@@ -57,3 +57,8 @@ def _backend_error(message: str) -> None:
 
 def _divide(x: int) -> float:
     return 1 / x
+
+
+def test_a_build_without_a_budget_waits_for_its_result() -> None:
+    with BuildWorker() as worker:
+        assert worker.call(abs, -3, float("inf"), what="unbounded") == 3

@@ -176,6 +176,16 @@ def test_backends_lists_every_backend_and_why_tensorrt_is_not_available_here(tmp
     assert "yes" in rows["onnxruntime"] and "yes" in rows["openvino"]
     assert " no " in rows["tensorrt"] and "TensorRT is not installed" in rows["tensorrt"]
     assert "quantgate[tensorrt]" in proc.stdout.replace("│", "").replace("\n", "")
+    assert "reference runtime" in rows["onnxruntime"]
+
+
+def test_validators_lists_every_installed_validator(tmp_path: Path, qg_home: Path) -> None:
+    proc = run_cli(["validators"], "sqlite:///x.db", qg_home, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith("│ ")}
+    for name in ("accuracy", "fidelity", "latency", "size"):
+        assert "yes" in rows[name], proc.stdout
+    assert "quantgate.validators.latency:LatencyValidator" in rows["latency"]
 
 
 def test_tensorrt_on_a_cpu_host_prepares_and_checks_step_1_registers_nothing_exit_1(

@@ -22,11 +22,10 @@ from quantgate.flows.locks import PrefectLock
 from quantgate.hardware import Hardware, detect
 from quantgate.model import ModelInfo
 from quantgate.pipeline import Baseline, DataSets, Intake, PlannedRecipe
-from quantgate.plugins.base import Candidate
+from quantgate.plugins.base import Candidate, reference_name
 from quantgate.policy import Policy, parse_policy
 from quantgate.result import CandidateResult, CompressionResult
 from quantgate.validators.base import Validator, load_validators
-from quantgate.validators.latency import REFERENCE_BACKEND
 from quantgate.workdir import run_workdir
 
 log = logging.getLogger("quantgate")
@@ -192,7 +191,7 @@ def run_candidates(
     def baseline(name: str) -> Baseline | str:
         nonlocal validate_s
         if name not in baselines:
-            reference = baseline(REFERENCE_BACKEND) if name != REFERENCE_BACKEND else None
+            reference = baseline(reference_name()) if name != reference_name() else None
             t = time.perf_counter()
             state.emit("baseline", name)
             # A str result (e.g. a graph this runtime cannot convert) fails that backend's recipes; others go on.
@@ -226,7 +225,7 @@ def run_candidates(
             item = planned[pick.index]
             assert item.recipe is not None
             state.index += 1
-            base = baseline(REFERENCE_BACKEND if item.prepare_only else item.backend)
+            base = baseline(reference_name() if item.prepare_only else item.backend)
             if isinstance(base, str):
                 results[pick.index] = pipeline.failed_result(item.recipe, base, hardware, has_labels, policy)
                 continue

@@ -7,15 +7,16 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from quantgate.data import NpzDataset
-from quantgate.errors import BackendUnavailable, PolicyError
+from quantgate.errors import BackendUnavailable
 from quantgate.model import ModelInfo
+from quantgate.plugins.registry import PLUGIN_API_VERSION as PLUGIN_API_VERSION  # a plugin imports it from here
+from quantgate.plugins.registry import PluginRegistry
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,25 @@ class Availability:
     prepares_here: bool = False
 
 
+@dataclass(frozen=True)
+class ModelLogging:
+    """What a backend needs to log a candidate as an MLflow model of the candidate's run.
+
+    ``mlflow_args``: keyword arguments for ``mlflow.models.Model.log`` that quantgate owns (name, run and logged
+    model ids, the source model's signature); pass them through. ``libraries``: the versions measured on this host,
+    for exact ``pip_requirements`` (``quantgate.serving.pins``).
+    """
+
+    artifact: Path
+    recipe: Recipe
+    libraries: Mapping[str, str]
+    mlflow_args: Mapping[str, Any]
+
+
+@runtime_checkable
 class Backend(Protocol):
+    """Everything quantgate needs from a backend: build candidates, run them for validators, log them for serving."""
+
     name: str
 
     def available(self) -> Availability: ...
@@ -124,6 +143,38 @@ class Backend(Protocol):
     def compress(self, model: ModelInfo, recipe: Recipe, calib: Calibration, workdir: Path) -> Candidate: ...
 
     def runner(self, candidate: Candidate, *, threads: int) -> Runner: ...
+
+    def log_model(self, request: ModelLogging) -> str:
+        """Log the artifact so ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` run it; its model URI."""
+        ...
+
+
+@runtime_checkable
+class TunesAccuracy(Protocol):
+    """Optional on a backend: recipes that search against the gate's own metric and allowed drop while building."""
+
+    def configure_accuracy_control(
+        self,
+        validation: NpzDataset,
+        metric: Any,
+        max_drop: float,
+        time_budget_s: float,
+        *,
+        limit: int | None = None,
+        caveat: str = "",
+    ) -> None: ...
+
+
+@runtime_checkable
+class ReferenceRuntime(Protocol):
+    """Optional on a backend: its FP32 baseline can be the yardstick every backend's candidates are ranked on.
+
+    The registry picks the declared one with the lowest ``reference_rank`` (ties by name); ``reference_label`` is how
+    the gate's text names it.
+    """
+
+    reference_label: str
+    reference_rank: int
 
 
 @runtime_checkable
@@ -157,27 +208,50 @@ def build_progress(text: str) -> None:
         log.info("%s", text)
 
 
-def _entry_points(group: str) -> dict[str, metadata.EntryPoint]:
-    return {ep.name: ep for ep in metadata.entry_points(group=group)}
+def _install_hint(name: str) -> str:
+    return f"pip install quantgate[{name}]"
+
+
+BACKENDS: PluginRegistry[Backend] = PluginRegistry(BACKENDS_GROUP, "backend", Backend, _install_hint)
 
 
 def backend_names() -> list[str]:
-    return sorted(_entry_points(BACKENDS_GROUP))
+    return BACKENDS.names()
 
 
 def load_backend(name: str) -> Backend:
-    """Instantiate the backend registered under ``name`` in the ``quantgate.backends`` group."""
-    eps = _entry_points(BACKENDS_GROUP)
-    if name not in eps:
-        known = ", ".join(sorted(eps)) or "none"
-        raise PolicyError(f"unknown backend '{name}' (installed backends: {known})")
-    try:
-        factory = eps[name].load()
-    except ImportError as exc:
-        hint = f"pip install quantgate[{name}]"
-        raise BackendUnavailable(name, f"cannot import {eps[name].value}: {exc}", hint) from None
-    backend: Backend = factory()
-    return backend
+    """The backend registered under ``name`` in the ``quantgate.backends`` group, built once per process."""
+    return BACKENDS.load(name)
+
+
+def fresh_backend(name: str) -> Backend:
+    """A new instance of backend ``name``: what a run configures (accuracy control, fine-tuning) before building."""
+    return BACKENDS.fresh(name)
+
+
+def reference_backend() -> Backend:
+    """The backend whose FP32 baseline every candidate is also timed against, so backends rank on one scale."""
+    declared: list[Backend] = []
+    for name in BACKENDS.names():
+        try:
+            backend = BACKENDS.load(name)
+        except BackendUnavailable:  # a refused plugin is reported where it is named, not by every run
+            continue
+        if isinstance(backend, ReferenceRuntime):
+            declared.append(backend)
+    if not declared:
+        raise BackendUnavailable("reference", "no installed backend declares the ReferenceRuntime capability")
+    return min(declared, key=lambda b: (b.reference_rank, b.name))  # type: ignore[attr-defined]
+
+
+def reference_name() -> str:
+    return reference_backend().name
+
+
+def reference_label() -> str:
+    backend = reference_backend()
+    assert isinstance(backend, ReferenceRuntime)
+    return backend.reference_label
 
 
 def select_recipes(backend: Backend, model: ModelInfo, wanted: Sequence[str] | None) -> list[Recipe]:

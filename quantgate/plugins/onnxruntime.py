@@ -20,10 +20,12 @@ import onnx
 from quantgate.data import NpzDataset
 from quantgate.errors import BackendError
 from quantgate.model import ModelInfo
+from quantgate.plugins._ort_preprocess import preprocess
 from quantgate.plugins.base import (
     Availability,
     Calibration,
     Candidate,
+    ModelLogging,
     Recipe,
     Runner,
     SettingValue,
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NAME = "onnxruntime"
+SERVING_LIBRARIES = ("mlflow", "onnx", "onnxruntime", "numpy")
 MIXED = "int8-static-mixed"
 QAT = "int8-qat"
 # What QAT candidates are quantized with after fine-tuning: the static recipe whose scheme the fake quantizers mimic.
@@ -125,6 +128,9 @@ class OnnxRuntimeBackend:
     """``int8-static-mixed`` needs :meth:`configure_accuracy_control` on the same instance before :meth:`compress`."""
 
     name = NAME
+    # The reference runtime: a core dependency, on every host, and the common yardstick across backends.
+    reference_label = "ONNX Runtime FP32"
+    reference_rank = 0
 
     def __init__(self) -> None:
         self._control: AccuracyControl | None = None
@@ -135,6 +141,22 @@ class OnnxRuntimeBackend:
         from quantgate import qat
 
         return [qat.make_recipe(NAME, QAT, "int8", scheme=NAME, finish=QAT_FINISH)]
+
+    def log_model(self, request: ModelLogging) -> str:
+        """MLflow's ``onnx`` flavor on the CPU provider."""
+        import mlflow
+        from mlflow.models import Model
+
+        from quantgate.serving import pins
+
+        info = Model.log(
+            flavor=mlflow.onnx,
+            onnx_model=onnx.load(str(request.artifact)),
+            pip_requirements=pins(request.libraries, SERVING_LIBRARIES),
+            onnx_execution_providers=["CPUExecutionProvider"],
+            **request.mlflow_args,
+        )
+        return str(info.model_uri)
 
     def configure_qat(self, job: object) -> None:
         from quantgate.qat import QatJob
@@ -487,43 +509,3 @@ def _names(names: Sequence[str], limit: int = 8) -> str:
 
 def _op_types(path: Path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
-
-
-# On a failed symbolic shape inference, onnxruntime saves the half-inferred model, with external data under a
-# random name, into the current working directory: the user's repository, typically.
-_ORT_DEBUG_DUMP = Path("sym_shape_infer_temp.onnx")
-
-
-def preprocess(src: Path, workdir: Path) -> tuple[Path, tuple[str, ...]]:
-    """Shape inference + graph optimisation once per model (cached in ``workdir``); symbolic inference may fail on
-    transformers, then it runs without it, then the model is used as given. Returns the model to quantize and notes."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    out = workdir / "preprocessed.onnx"
-    marker = workdir / "preprocessed.note"
-    if out.exists():
-        return out, tuple(marker.read_text().splitlines()) if marker.exists() else ()
-    dump_existed = _ORT_DEBUG_DUMP.exists()
-    try:
-        quant_pre_process(str(src), str(out))
-        notes: tuple[str, ...] = ()
-    except Exception as exc:  # "Incomplete symbolic shape inference" on transformer exports
-        if not dump_existed:
-            _remove_ort_debug_dump()
-        log.info("symbolic shape inference failed (%s); retrying without it", first_line(exc))
-        try:
-            quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
-            notes = ("pre-processing ran without symbolic shape inference (it failed on this graph)",)
-        except Exception as exc2:
-            log.info("pre-processing failed (%s); quantizing the model as given", first_line(exc2))
-            return src, ("pre-processing skipped: " + first_line(exc2),)
-    marker.write_text("\n".join(notes))
-    return out, notes
-
-
-def _remove_ort_debug_dump() -> None:
-    if not _ORT_DEBUG_DUMP.exists():
-        return
-    for extra in model_files(_ORT_DEBUG_DUMP)[1:]:
-        extra.unlink(missing_ok=True)
-    _ORT_DEBUG_DUMP.unlink(missing_ok=True)

@@ -29,13 +29,14 @@ from quantgate.errors import BackendError
 from quantgate.hardware import INFERENCE_PRECISIONS, ComputeNeed, compute_need, detect
 from quantgate.model import ModelInfo
 from quantgate.plugins import _ov_stats
-from quantgate.plugins.base import Availability, Calibration, Candidate, Recipe, Runner, SettingValue
+from quantgate.plugins.base import Availability, Calibration, Candidate, ModelLogging, Recipe, Runner, SettingValue
 from quantgate.sensitivity import AccuracyControl, Deadline
 from quantgate.validators.fidelity import cosine_per_row
 
 log = logging.getLogger(__name__)
 
 NAME = "openvino"
+SERVING_LIBRARIES = ("mlflow", "openvino", "numpy")
 INSTALL_HINT = "pip install quantgate[openvino]"
 ACCURACY_CONTROL = "int8-accuracy-control"
 MIXED = "int8-mixed"
@@ -179,6 +180,24 @@ class OpenVinoBackend:
 
     def configure_qat(self, job: object) -> None:
         self._qat = job
+
+    def log_model(self, request: ModelLogging) -> str:
+        """A pyfunc model from code (``quantgate/serving/openvino_model.py``) carrying the IR and its precision."""
+        import mlflow
+        from mlflow.models import Model
+
+        from quantgate.serving import HERE, pins
+
+        xml = request.artifact
+        info = Model.log(
+            flavor=mlflow.pyfunc,
+            python_model=str(HERE / "openvino_model.py"),
+            artifacts={"model_xml": str(xml), "model_bin": str(xml.with_suffix(".bin"))},
+            model_config=openvino_model_config(request.recipe),
+            pip_requirements=pins(request.libraries, SERVING_LIBRARIES),
+            **request.mlflow_args,
+        )
+        return str(info.model_uri)
 
     def available(self) -> Availability:
         try:
@@ -767,3 +786,21 @@ def _quiet_nncf() -> Iterator[None]:
         nncf_logger.setLevel(level)
         for handler in handlers:
             nncf_logger.addHandler(handler)
+
+
+def openvino_model_config(recipe: Recipe) -> dict[str, Any]:
+    """What ``openvino_model.py`` compiles with and checks at load: the inference precision the candidate was
+    measured with, and (for BF16/FP16) what the host must offer, spelled out because quantgate is not there."""
+    precision = str(recipe.options.get("inference_precision") or "f32")  # f32: recorded before it was a setting
+    config: dict[str, Any] = {"inference_precision": precision}
+    if recipe.options.get("static_shapes"):
+        config["static_shapes"] = True
+    need = compute_need(precision)
+    if need is not None:
+        config.update(
+            needs_capability=need.capability,
+            needs_isa_any=list(need.isa_any),
+            needs_cpu=need.cpu,
+            lacking=need.lacking(),
+        )
+    return config

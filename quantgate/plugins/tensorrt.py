@@ -29,7 +29,16 @@ import numpy as np
 
 from quantgate.errors import BackendError, BackendUnavailable, NeedsTargetHardware, QuantgateError
 from quantgate.model import ModelInfo
-from quantgate.plugins.base import Availability, Calibration, Candidate, Recipe, Runner, first_line, model_files
+from quantgate.plugins.base import (
+    Availability,
+    Calibration,
+    Candidate,
+    ModelLogging,
+    Recipe,
+    Runner,
+    first_line,
+    model_files,
+)
 from quantgate.plugins.tensorrt_qdq import (
     TensorRtQdqError,
     check_tensorrt_qdq,
@@ -90,6 +99,29 @@ class _Gpu:
 
 class TensorRtBackend:
     name = NAME
+
+    def log_model(self, request: ModelLogging) -> str:
+        """A pyfunc model from code (``quantgate/serving/tensorrt_model.py``) carrying the engine and its sidecar."""
+        import mlflow
+        from mlflow.models import Model
+
+        from quantgate.serving import HERE, pins
+
+        engine = request.artifact
+        sidecar = engine.with_name(engine.name + ".json")
+        meta = json.loads(sidecar.read_text())
+        libs = request.libraries
+        reqs = [*pins(libs, ("mlflow", "numpy")), f"tensorrt=={meta.get('tensorrt', '')}"]
+        if "quantgate" in libs:
+            reqs.append(f"quantgate[tensorrt]=={libs['quantgate']}")
+        info = Model.log(
+            flavor=mlflow.pyfunc,
+            python_model=str(HERE / "tensorrt_model.py"),
+            artifacts={"engine": str(engine), "engine_meta": str(sidecar)},
+            pip_requirements=reqs,
+            **request.mlflow_args,
+        )
+        return str(info.model_uri)
 
     def available(self) -> Availability:
         status = _probe()[1]

@@ -78,7 +78,7 @@ def make_tensorrt_qdq(
     outside Q/DQ are converted to FP16, with Cast nodes at the borders, which is how a strongly typed network learns
     to run them in FP16.
     """
-    from quantgate.plugins.onnxruntime import preprocess
+    from quantgate.plugins._ort_preprocess import preprocess
 
     # onnxruntime's shape inference and calibrators print() progress and warnings
     with tempfile.TemporaryDirectory(prefix="quantgate-trt-") as tmp, contextlib.redirect_stdout(io.StringIO()):

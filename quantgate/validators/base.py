@@ -6,8 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from importlib import metadata
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -15,6 +14,7 @@ from quantgate.data import NpzDataset
 from quantgate.errors import PolicyError
 from quantgate.hardware import Hardware
 from quantgate.plugins.base import Candidate, Runner
+from quantgate.plugins.registry import PluginRegistry
 from quantgate.policy import LatencyPolicy
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,6 @@ class ValidationContext:
     open_trivial: Callable[[], tuple[Runner, dict[str, np.ndarray]]] | None = None
     # What latency measuring must decide (gate threshold, best so far), so it can stop once it has.
     latency_target: LatencyTarget | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
     @cached_property
     def candidate_outputs(self) -> EvalOutputs:
@@ -93,6 +92,7 @@ class Measurement:
     details: dict[str, object] = field(default_factory=dict)
 
 
+@runtime_checkable
 class Validator(Protocol):
     name: str
 
@@ -101,17 +101,19 @@ class Validator(Protocol):
     def measure(self, ctx: ValidationContext) -> Measurement: ...
 
 
-def load_validators() -> list[Validator]:
-    """Every validator registered in the ``quantgate.validators`` group, ours included.
+def _install_hint(name: str) -> str:
+    return f"install the package that provides the '{name}' validator"
 
-    A third-party validator that fails to import is skipped with a warning, as MLflow does for plugins.
+
+VALIDATORS: PluginRegistry[Validator] = PluginRegistry(VALIDATORS_GROUP, "validator", Validator, _install_hint)
+
+
+def load_validators() -> list[Validator]:
+    """Every validator registered in the ``quantgate.validators`` group, ours included, each built once per process.
+
+    A third-party validator that is refused at load is skipped with a one-line warning, as MLflow does for plugins.
     """
-    out: list[Validator] = []
-    for ep in sorted(metadata.entry_points(group=VALIDATORS_GROUP), key=lambda e: e.name):
-        try:
-            out.append(ep.load()())
-        except Exception as exc:  # a broken plugin must not break the tool
-            log.warning("validator plugin %s could not be loaded: %s", ep.name, exc)
+    out = VALIDATORS.loadable()
     if not out:
         raise PolicyError("no validators are installed (entry-point group quantgate.validators is empty)")
     return out

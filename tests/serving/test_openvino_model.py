@@ -24,9 +24,9 @@ from quantgate.gate import Verdict
 from quantgate.hardware import detect
 from quantgate.model import ModelInfo, read_model_info
 from quantgate.plugins.base import Calibration, Candidate
-from quantgate.plugins.openvino import OpenVinoBackend, cpu_plugin_capabilities
+from quantgate.plugins.openvino import OpenVinoBackend, cpu_plugin_capabilities, openvino_model_config
 from quantgate.result import CandidateResult
-from quantgate.serving import HERE, openvino_model_config
+from quantgate.serving import HERE
 
 pytest.importorskip("openvino")
 

@@ -1,0 +1,129 @@
+"""The LiteRT backend on the seeds' example: a MobileNetV2 (torchvision's architecture) trained briefly on generated
+images, registered as a pytorch model, compressed to full-integer INT8 ``.tflite`` through the real CLI.
+
+Full-integer INT8 must hold a 1-point accuracy gate and be faster than the FP32 ``.tflite`` on the same interpreter
+at batch 1 (the gate's lower confidence bound, not the point estimate); the registered version must load with
+``mlflow.pyfunc.load_model`` and predict like the candidate did.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import model_versions
+from tests.test_cli import run_cli, write_policy
+
+pytest.importorskip("ai_edge_litert")
+pytest.importorskip("litert_torch")
+
+pytestmark = pytest.mark.slow
+
+SIZE = 64  # pixels: big enough that the convolutions, not the call, dominate a batch-1 call
+CLASSES = 4
+
+
+def _images(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each class a bright square in one quadrant, in its own colour channel mix, on noise: learnable in a minute."""
+    labels = rng.integers(0, CLASSES, n)
+    x = rng.normal(0.0, 0.3, (n, 3, SIZE, SIZE)).astype(np.float32)
+    half = SIZE // 2
+    for i, k in enumerate(labels):
+        r, c = divmod(int(k), 2)
+        x[i, :, r * half : (r + 1) * half, c * half : (c + 1) * half] += np.array([1.0, 0.5 * k, 1.0 - 0.25 * k])[
+            :, None, None
+        ].astype(np.float32)
+    return x, labels.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def mobilenet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    import torch
+
+    from benchmarks.mobilenetv2 import MobileNetV2
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x_train, y_train = _images(rng, 768)
+    x_eval, y_eval = _images(rng, 300)
+    model = MobileNetV2(num_classes=CLASSES)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    model.train()
+    for _ in range(3):
+        for i in range(0, len(xt), 32):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[i : i + 32]), yt[i : i + 32]).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = float((model(torch.from_numpy(x_eval)).argmax(1).numpy() == y_eval).mean())
+    assert accuracy >= 0.9, accuracy  # the gate below is only meaningful on a model that learned something
+    d = tmp_path_factory.mktemp("mobilenet-data")
+    np.savez(d / "calibration.npz", input=x_train[:128])
+    np.savez(d / "evaluation.npz", input=x_eval, labels=y_eval)
+    return {"model": model, "x": x_eval, "y": y_eval, "calib": d / "calibration.npz", "eval": d / "evaluation.npz"}
+
+
+def _register(model: Any, x: np.ndarray) -> str:
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        y = model(torch.from_numpy(x[:2])).numpy()
+    mlflow.set_experiment("training")
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(
+            model, name="m", signature=infer_signature(x[:2], y), input_example=x[:2],
+            pip_requirements=["torch"], registered_model_name="mobilenet",
+        )  # fmt: skip
+    return f"models:/mobilenet/{info.registered_model_version}"
+
+
+def test_full_integer_int8_holds_a_one_point_gate_and_beats_fp32_tflite_at_batch_1(
+    mobilenet: dict[str, Any], tracking_uri: str, tmp_path: Path, qg_home: Path
+) -> None:
+    import mlflow.pyfunc
+
+    source = _register(mobilenet["model"], mobilenet["x"])
+    policy = {
+        "backends": ["litert"],
+        "recipes": ["int8-full"],
+        "data": {"calibration": str(mobilenet["calib"]), "evaluation": str(mobilenet["eval"])},
+        "latency": {"threads": 1, "warmup": 10, "rounds": 60, "batch_sizes": [1]},
+        "gate": {
+            "max_accuracy_drop": 0.01,
+            "min_speedup": 1.0,
+            "speedup_against": "own_fp32",
+            "speedup_statistic": "ci_low",
+            "max_size_ratio": 0.5,
+        },
+        "search": {"exhaustive": True},
+    }
+    path = write_policy(tmp_path / "p.yaml", policy)
+    proc = run_cli(["compress", source, "--policy", str(path), "--json"], tracking_uri, qg_home, tmp_path)
+    assert proc.stdout.startswith("{"), f"exit {proc.returncode}: {proc.stdout[:500]} {proc.stderr[-1500:]}"
+    doc = json.loads(proc.stdout)  # exactly one JSON document on stdout: the converter's progress is not there
+    (cand,) = doc["candidates"]
+    metrics = cand["metrics"]
+    figures = (
+        f"accuracy {metrics.get('accuracy')} (drop {metrics.get('accuracy_drop')}), "
+        f"INT8 {metrics.get('latency_p50_ms')} ms vs FP32 .tflite {metrics.get('baseline_latency_p50_ms')} ms, "
+        f"speedup {metrics.get('speedup')} (CI low {metrics.get('speedup_ci_low')}): {cand['reasons']}"
+    )
+    assert proc.returncode == 0 and cand["passed"], figures
+    assert doc["promoted_uri"] == "models:/mobilenet-litert-int8/1"
+    assert ("mobilenet-litert-int8", "1") in [(n, v) for n, v, _ in model_versions(tracking_uri)]
+    version = MlflowClient(tracking_uri).get_model_version("mobilenet-litert-int8", "1")
+    assert "speedup_vs_ort_fp32" in MlflowClient(tracking_uri).get_run(version.run_id).data.metrics
+
+    served = mlflow.pyfunc.load_model(doc["promoted_uri"])
+    logits = np.asarray(served.predict(mobilenet["x"][:32]))
+    assert logits.shape == (32, CLASSES)
+    assert (logits.argmax(1) == mobilenet["y"][:32]).mean() >= 0.85
