@@ -135,7 +135,10 @@ class BuildWorker:
             try:
                 reply = conn.recv()
             except EOFError:  # the worker died: killed, out of memory, a crash in native code. No verdict on it.
-                code = self._proc.exitcode if self._proc is not None else None
+                code = None
+                if self._proc is not None:  # the pipe closes before the process is reaped: wait for its status
+                    self._proc.join(timeout=5.0)
+                    code = self._proc.exitcode
                 self.kill()
                 raise InfrastructureError(f"building {what}: the build process died (exit status {code})") from None
             if reply[0] != "progress":
