@@ -97,17 +97,11 @@ def _log_candidate(
     cand.run_id = run_id
     params = {"backend": cand.backend, "recipe": cand.recipe.name, "recipe_hash": cand.recipe.digest}
     params.update({f"recipe.{k}": str(v) for k, v in cand.recipe.settings})
-    # Batches, not a request per value: a candidate has 30-60 metrics and a run logs every candidate's (MLflow takes
-    # at most 1000 metrics and 100 params per batch).
     from mlflow.entities import Metric, Param
 
     now = int(time.time() * 1000)
     metrics = [Metric(name, float(metric), now, 0) for name, metric in sorted(cand.metrics.items())]
-    param_list = [Param(key, value) for key, value in params.items()]
-    for start in range(0, max(len(metrics), len(param_list) * 10, 1), 1000):
-        chunk = param_list[start // 10 : start // 10 + 100]
-        client.log_batch(run_id, metrics=metrics[start : start + 1000], params=chunk)
-    _log_loss_curve(client, run_id, cand)
+    _log_batches(client, run_id, metrics + _loss_curve(cand, now), [Param(k, v) for k, v in params.items()])
     model_uri = None
     if log_model and cand.artifact is not None:
         try:
@@ -122,20 +116,33 @@ def _log_candidate(
     return model_uri
 
 
-def _log_loss_curve(client: Any, run_id: str, cand: CandidateResult) -> None:
+def _loss_curve(cand: CandidateResult, now: int) -> list[Any]:
     """A fine-tuned candidate's loss by step (``qat_loss``) and by epoch (``qat_epoch_loss``): the UI plots both."""
-    import time
-
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
     points = [Metric("qat_loss", loss, now, step) for step, loss in qat.loss_curve(cand.details)]
     record = cand.details.get("qat")
     if isinstance(record, dict):
         epochs = record.get("loss_by_epoch") or []
         points += [Metric("qat_epoch_loss", float(loss), now, i + 1) for i, loss in enumerate(epochs)]
-    for start in range(0, len(points), 1000):  # MLflow takes at most 1000 metrics per batch
-        client.log_batch(run_id, metrics=points[start : start + 1000])
+    return points
+
+
+# What MLflow takes in one log_batch request.
+BATCH_METRICS = 1000
+BATCH_PARAMS = 100
+
+
+def _log_batches(client: Any, run_id: str, metrics: list[Any], params: list[Any]) -> None:
+    """Metrics and params in as few requests as MLflow allows: a candidate has 30-60 metrics (a fine-tuned one
+    hundreds of loss points), and a request per value made registration the slowest step after the search."""
+    rounds = max(-(-len(metrics) // BATCH_METRICS), -(-len(params) // BATCH_PARAMS), 1)
+    for i in range(rounds):
+        client.log_batch(
+            run_id,
+            metrics=metrics[i * BATCH_METRICS : (i + 1) * BATCH_METRICS],
+            params=params[i * BATCH_PARAMS : (i + 1) * BATCH_PARAMS],
+        )
 
 
 def _wants_registration(policy: Policy, cand: CandidateResult) -> bool:

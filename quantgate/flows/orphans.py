@@ -60,8 +60,7 @@ def crash_dead_runs() -> list[UUID]:
                 message = f"its process (pid {owner.pid} on {owner.host}) died without reporting; found by quantgate"
                 client.set_flow_run_state(run.id, Crashed(message=message), force=True)
                 crashed.append(run.id)
+                log.info("flow run %s was left RUNNING by a dead process: marked CRASHED", run.id)
     except Exception as exc:
         log.warning("could not check for flow runs left RUNNING by dead processes: %s", exc)
-    for run_id in crashed:
-        log.info("flow run %s was left RUNNING by a dead process: marked CRASHED", run_id)
     return crashed
