@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -328,6 +328,8 @@ class SearchState:
     probed: set[tuple[str, str, str]] = field(default_factory=set)  # families timed after a quality failure
     # Families whose full INT8 (not a float-restoring search) failed quality: the upper end of their measured speed.
     failed_families: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    attempted: set[tuple[str, str, str]] = field(default_factory=set)  # families with a recipe built (or tried)
+    floor: float | None = None  # the gate's speed threshold against the reference runtime (search.speed_floor)
     passed: list[Recipe] = field(default_factory=list)  # the recipes that passed the gate so far
     worker: BuildWorker | None = None
     cache: CandidateCache | None = None
@@ -342,7 +344,25 @@ class SearchState:
         cfg = policy.search
         if cfg.exhaustive:
             return cls(Budget(None), exhaustive=True, total=total)
-        return cls(Budget(cfg.time_budget_s), exhaustive=False, quick_samples=cfg.quick_samples, total=total)
+        return cls(
+            Budget(cfg.time_budget_s),
+            exhaustive=False,
+            quick_samples=cfg.quick_samples,
+            total=total,
+            floor=search.speed_floor(policy),
+        )
+
+    def pick(self, pending: Sequence[search.Planned]) -> int:
+        """The position in ``pending`` of the recipe to try next (``search.next_index`` with what is known)."""
+        return search.next_index(
+            pending,
+            quality_failed=self.quality_failed,
+            quality_passed=self.quality_passed,
+            failed_families=self.failed_families,
+            best=self.best_vs_reference,
+            attempted=self.attempted,
+            floor=self.floor,
+        )
 
     def emit(self, stage: str, label: str) -> None:
         event = ProgressEvent(stage, self.index, self.total, label, self.budget.used, self.budget.seconds)
@@ -388,12 +408,13 @@ def evaluate(
     hopeless = None
     # A recipe the policy names is measured (budget allowing): pruning is for the search's own menu.
     if not state.exhaustive and not policy.recipes:
-        score = search.prior(recipe, transformer=model.is_transformer)
+        score = search.model_prior(recipe, model)
         hopeless = search.cannot_beat(
-            recipe, state.timed, state.best_vs_reference, passed=state.passed, prior_score=score
+            recipe, state.timed, state.best_vs_reference, passed=state.passed, prior_score=score, floor=state.floor
         )
     if hopeless is not None:
         return CandidateRun(skipped_result(recipe, hopeless, hardware, policy))
+    state.attempted.add(search.family(recipe))
     state.emit("build", label)
     try:
         cand = prebuilt if prebuilt is not None else _build(base, recipe, model, data, policy, workdir, state)

@@ -307,3 +307,50 @@ def test_a_family_that_already_passed_is_not_built_again_and_low_priors_wait_for
     assert cannot_beat(dynamic, [], None, prior_score=low) is None  # nothing passed yet: worth a try
     qat = make("int8-qat", kind="qat")
     assert cannot_beat(qat, [], 3.7, passed=[winner], prior_score=prior(qat, transformer=False)) is None
+
+
+def test_before_a_restoring_search_every_int8_family_is_measured_once_and_the_fastest_family_searches_first() -> None:
+    """On the real CRAFT detector without AVX512: ONNX Runtime's full INT8 failed fidelity (1.74x), and its restoring
+    search then spent the whole budget before OpenVINO's INT8 (1.96x, cheaper to search) was ever built."""
+
+    def make(backend: str, name: str, kind: str) -> Recipe:
+        return Recipe.make(backend, name, "int8", kind=kind)
+
+    ort_mixed = make("onnxruntime", "int8-static-mixed", "mixed")
+    ov_plain = make("openvino", "int8-ptq-performance", "quantize")
+    ov_mixed = make("openvino", "int8-mixed", "mixed")
+    pending = [Planned(i, r, prior(r, transformer=False)) for i, r in enumerate([ort_mixed, ov_plain, ov_mixed])]
+    ort_family, ov_family = ("onnxruntime", "int8", "f32"), ("openvino", "int8", "f32")
+
+    def pick(failed: dict[tuple[str, str, str], float], attempted: set[tuple[str, str, str]]) -> str:
+        i = next_index(pending, quality_failed=len(failed), quality_passed=0, failed_families=failed,
+                       attempted=attempted, floor=1.1)  # fmt: skip
+        return pending[i].recipe.name
+
+    assert pick({ort_family: 1.78}, {ort_family}) == "int8-ptq-performance"  # OpenVINO's INT8 is not measured yet
+    both = {ort_family: 1.78, ov_family: 2.05}
+    assert pick(both, {ort_family, ov_family}) == "int8-mixed"  # the faster family's search first
+    assert pick({ort_family: 2.3, ov_family: 2.05}, {ort_family, ov_family}) == "int8-static-mixed"
+    # A family measured below the gate's own speed threshold cannot pass: its search is not pulled forward.
+    assert pick({ort_family: 0.9}, {ort_family}) == "int8-ptq-performance"
+    assert pick({ort_family: 0.9}, {ort_family, ov_family}) != "int8-static-mixed"
+
+
+def test_a_family_measured_below_the_gates_speed_threshold_is_not_tried_even_before_anything_passed() -> None:
+    measured = Recipe.make("onnxruntime", "int8-static-minmax", "int8", kind="static")
+    restoring = Recipe.make("onnxruntime", "int8-static-mixed", "int8", kind="mixed")
+    why = cannot_beat(restoring, [(measured, 0.9)], best=None, floor=1.1)
+    assert why is not None and why.startswith("not tried: it could not pass the gate's 1.10x against ONNX Runtime FP32")
+    assert "int8-static-minmax, of the same family (onnxruntime, int8, f32), measured at most 0.90x" in why
+    assert cannot_beat(restoring, [(measured, 1.0)], best=None, floor=1.1) is None  # within the family's spread
+    assert cannot_beat(restoring, [(measured, 0.9)], best=None, floor=None) is None  # the gate reads another speedup
+
+
+def test_static_int8_with_dynamic_lstm_goes_first_on_recurrent_models_only() -> None:
+    hybrid = Recipe.make("onnxruntime", "int8-hybrid", "int8", kind="hybrid")
+    static = Recipe.make("onnxruntime", STATIC, "int8", kind="static", calibration="minmax", per_channel=True)
+    assert prior(hybrid, transformer=False, recurrent=True) > prior(static, transformer=False, recurrent=True)
+    assert prior(hybrid, transformer=False) < 1.0  # without recurrent layers it is plain static INT8
+    from quantgate.search import family
+
+    assert family(hybrid) != family(static)  # faster than static INT8 where it holds: not pruned as its twin

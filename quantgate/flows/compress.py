@@ -208,7 +208,7 @@ def run_candidates(
     fallback = qat_search.setup(planned, taken, data, policy, state)  # QAT, if no post-training candidate holds
     if progress is not None:
         state.listeners.append(progress.on_event)
-    pending = [search.Planned(i, p.recipe, search.prior(p.recipe, transformer=taken.model.is_transformer))
+    pending = [search.Planned(i, p.recipe, search.model_prior(p.recipe, taken.model))
                for i, p in enumerate(planned) if p.recipe is not None]  # fmt: skip
     # Sequential on purpose: latency is measured on this host, and parallel candidates would disturb it.
     with BuildWorker() as worker:
@@ -218,10 +218,7 @@ def run_candidates(
                 live = {n: b for n, b in baselines.items() if isinstance(b, Baseline)}
                 wanted = bool(pipeline.shape_variants(list(results.values()), live))
                 state.budget.reserved = search.SPECIALIZE_RESERVE * state.budget.seconds if wanted else 0.0
-            pick = pending.pop(search.next_index(
-                pending, quality_failed=state.quality_failed, quality_passed=state.quality_passed,
-                failed_families=state.failed_families, best=state.best_vs_reference,
-            ))  # fmt: skip
+            pick = pending.pop(state.pick(pending))
             item = planned[pick.index]
             assert item.recipe is not None
             state.index += 1
