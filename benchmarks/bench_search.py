@@ -42,9 +42,11 @@ sys.path.insert(0, str(ROOT))
 import anchors  # noqa: E402
 import realmodels  # noqa: E402
 
+from quantgate.plugins.base import model_files  # noqa: E402
 from quantgate.plugins.onnxruntime import OrtRunner  # noqa: E402
 from quantgate.plugins.openvino import OvRunner  # noqa: E402
 from quantgate.policy import LatencyPolicy  # noqa: E402
+from quantgate.search import budget_seconds  # noqa: E402
 from quantgate.validators.latency import choose_blocks, measure_blocked, speedup_ci  # noqa: E402
 
 THREADS = 1
@@ -139,6 +141,8 @@ def one_model(name: str, old: str | None, work: Path) -> dict[str, Any]:
     prepared = realmodels.prepare(name)
     spec = prepared.spec
     out: dict[str, Any] = {"model": name, "title": spec.title, "gate": prepared.gate, "batch": spec.latency_batch}
+    # The default search budget quantgate sizes to the model (search.time_budget_s: auto), for the budget-use column.
+    out["budget_s"] = budget_seconds("auto", sum(f.stat().st_size for f in model_files(prepared.onnx)))
     home = work / name
     home.mkdir(parents=True, exist_ok=True)
     tracking = f"sqlite:///{home / 'mlflow.db'}"
@@ -227,7 +231,7 @@ def summarise(results: list[dict[str, Any]]) -> None:
         best_s = f"{best['name']} {fmt_speed(best['speedup'])}" if best else "none passes"
         timings = doc.get("timings_s", {})
         search_s = timings.get("candidates_s", float("nan"))
-        budget = 180.0
+        budget = r.get("budget_s", 180.0)
         old = (
             f"{r['old']['wall_s']:.0f} s" + (f" (exit {r['old']['exit']})" if r["old"]["exit"] not in (0, 1) else "")
             if "old" in r

@@ -340,12 +340,13 @@ class SearchState:
     listeners: list[Callable[[ProgressEvent], None]] = field(default_factory=list)
 
     @classmethod
-    def for_policy(cls, policy: Policy, total: int) -> SearchState:
+    def for_policy(cls, policy: Policy, total: int, model_bytes: int = 0) -> SearchState:
+        """``model_bytes``: the model's size, which the default (``auto``) budget grows with."""
         cfg = policy.search
         if cfg.exhaustive:
             return cls(Budget(None), exhaustive=True, total=total)
         return cls(
-            Budget(cfg.time_budget_s),
+            Budget(search.budget_seconds(cfg.time_budget_s, model_bytes)),
             exhaustive=False,
             quick_samples=cfg.quick_samples,
             total=total,

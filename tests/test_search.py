@@ -342,7 +342,11 @@ def test_a_family_measured_below_the_gates_speed_threshold_is_not_tried_even_bef
     why = cannot_beat(restoring, [(measured, 0.9)], best=None, floor=1.1)
     assert why is not None and why.startswith("not tried: it could not pass the gate's 1.10x against ONNX Runtime FP32")
     assert "int8-static-minmax, of the same family (onnxruntime, int8, f32), measured at most 0.90x" in why
-    assert cannot_beat(restoring, [(measured, 1.0)], best=None, floor=1.1) is None  # within the family's spread
+    # Another calibration may land within the family's spread; restoring float layers never makes it faster.
+    other = Recipe.make("onnxruntime", "int8-static-entropy", "int8", kind="static")
+    assert cannot_beat(other, [(measured, 1.0)], best=None, floor=1.1) is None
+    never = cannot_beat(restoring, [(measured, 1.0)], best=None, floor=1.1)
+    assert never is not None and never.endswith("measured at most 1.00x (a float-restoring search is never faster)")
     assert cannot_beat(restoring, [(measured, 0.9)], best=None, floor=None) is None  # the gate reads another speedup
 
 
@@ -354,3 +358,16 @@ def test_static_int8_with_dynamic_lstm_goes_first_on_recurrent_models_only() -> 
     from quantgate.search import family
 
     assert family(hybrid) != family(static)  # faster than static INT8 where it holds: not pruned as its twin
+
+
+def test_the_default_budget_grows_with_the_model_and_an_explicit_one_is_kept(calib_npz: Path, eval_npz: Path) -> None:
+    from quantgate.search import budget_seconds
+
+    assert budget_seconds("auto", 5_000_000) == 180.0  # up to 25 MB: three minutes
+    assert budget_seconds("auto", 83_000_000) == pytest.approx(597.6)  # the real CRAFT detector
+    assert budget_seconds("auto", 10**10) == 1800.0
+    assert budget_seconds(60.0, 83_000_000) == 60.0
+    auto = _policy(calib_npz, eval_npz, search={"time_budget_s": "auto"})
+    assert pipeline.SearchState.for_policy(auto, 1, model_bytes=50_000_000).budget.seconds == 360.0
+    with pytest.raises(Exception, match=r"search.time_budget_s: .*must be 'auto' or a number of seconds"):
+        _policy(calib_npz, eval_npz, search={"time_budget_s": "soon"})

@@ -22,7 +22,7 @@ from quantgate.flows.locks import PrefectLock
 from quantgate.hardware import Hardware, detect
 from quantgate.model import ModelInfo
 from quantgate.pipeline import Baseline, DataSets, Intake, PlannedRecipe
-from quantgate.plugins.base import Candidate, reference_name
+from quantgate.plugins.base import Candidate, model_files, reference_name
 from quantgate.policy import Policy, parse_policy
 from quantgate.result import CandidateResult, CompressionResult
 from quantgate.validators.base import Validator, load_validators
@@ -183,7 +183,8 @@ def run_candidates(
     compress_s = validate_s = 0.0
     baselines: dict[str, Baseline | str] = {}  # a str says why that backend's FP32 baseline failed
     runnable = [i for i, p in enumerate(planned) if p.recipe is not None]
-    state = pipeline.SearchState.for_policy(policy, len(runnable))
+    model_bytes = sum(f.stat().st_size for f in model_files(taken.model.path))
+    state = pipeline.SearchState.for_policy(policy, len(runnable), model_bytes)
     if policy.search.cache:
         state.cache = CandidateCache()
         state.run_key = RunKey.make(taken.model.path, data.calibration.path, data.evaluation.path, hardware, policy)
