@@ -122,6 +122,12 @@ def prior(recipe: Recipe, *, transformer: bool, recurrent: bool = False) -> floa
         # Reduced-precision float compute costs no build and rarely loses quality: a floor every later candidate
         # is measured against (and pruned by), found in seconds, before any INT8 build.
         return 4.0
+    if kind == "fp16" and o.get("inference_precision") == "f32":
+        # Another runtime's FP32, its weights stored in FP16 (OpenVINO's fp16-ir): the same floor where the host has
+        # no BF16 compute. OpenVINO's FP32 ran 1.4-1.8x ONNX Runtime's on the real MTCNN and PP-OCR nets (AVX2): with
+        # no floor, a long restoring search spent the whole budget and nothing passed. Where BF16 passed first, the
+        # FP32 baseline measured beside it prunes this one without a build.
+        return 3.8
     if kind == "qat":
         base = 0.2  # fine-tuning costs minutes: named ones run after the post-training recipes
     elif kind == "hybrid":

@@ -371,3 +371,21 @@ def test_the_default_budget_grows_with_the_model_and_an_explicit_one_is_kept(cal
     assert pipeline.SearchState.for_policy(auto, 1, model_bytes=50_000_000).budget.seconds == 360.0
     with pytest.raises(Exception, match=r"search.time_budget_s: .*must be 'auto' or a number of seconds"):
         _policy(calib_npz, eval_npz, search={"time_budget_s": "soon"})
+
+
+def test_another_runtimes_fp32_is_the_floor_where_the_host_has_no_bf16() -> None:
+    """On an AVX2 host the BF16 recipes fail at once; OpenVINO's FP32 IR (fp16-ir: FP16 storage, FP32 compute) is
+    then the cheap floor, ahead of any INT8 build, while ONNX Runtime's FP16 compute stays last."""
+
+    def make(backend: str, name: str, **settings: object) -> Recipe:
+        return Recipe.make(backend, name, "int8", **settings)  # type: ignore[arg-type]
+
+    bf16 = make("openvino", "bf16", kind="float", inference_precision="bf16")
+    fp16_ir = make("openvino", "fp16-ir", kind="fp16", inference_precision="f32")
+    int8 = make("openvino", "int8-ptq-performance-bf16", kind="quantize", inference_precision="bf16")
+    ort_fp16 = make("onnxruntime", "fp16", kind="fp16", keep_io_types=True)
+    score = {r.name: prior(r, transformer=False) for r in (bf16, fp16_ir, int8, ort_fp16)}
+    assert score["bf16"] > score["fp16-ir"] > score["int8-ptq-performance-bf16"] > score["fp16"]
+    # Once BF16 passed, the FP32 baseline timed beside it (its family) prunes fp16-ir without a build.
+    fp32 = Recipe.make("openvino", "fp32", "fp32")
+    assert cannot_beat(fp16_ir, [(fp32, 2.1)], best=3.9, passed=[bf16]) is not None
