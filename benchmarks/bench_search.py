@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -47,7 +46,7 @@ from quantgate.plugins.onnxruntime import OrtRunner  # noqa: E402
 from quantgate.plugins.openvino import OvRunner  # noqa: E402
 from quantgate.policy import LatencyPolicy  # noqa: E402
 from quantgate.search import budget_seconds  # noqa: E402
-from quantgate.validators.latency import choose_blocks, measure_blocked, speedup_ci  # noqa: E402
+from quantgate.validators.latency import choose_blocks, measure_blocked, paired_speedup, speedup_ci  # noqa: E402
 
 THREADS = 1
 
@@ -196,7 +195,7 @@ def one_model(name: str, old: str | None, work: Path) -> dict[str, Any]:
     speed = {}
     for (label, _), t in zip(runners, timed, strict=True):
         low, high = speedup_ci(ref_blocks, t.block_ms)
-        speed[label] = (float(np.median(ref_blocks) / np.median(t.block_ms)), low, high)
+        speed[label] = (paired_speedup(ref_blocks, t.block_ms), low, high)
     for row in rows:
         row["speedup"] = speed[row["name"]]
     out["anchors"] = rows

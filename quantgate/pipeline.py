@@ -64,6 +64,7 @@ from quantgate.validators.latency import (
     choose_blocks,
     latency_batch,
     measure_blocked,
+    paired_speedup,
     probe_speed,
     speedup_ci,
 )
@@ -851,7 +852,7 @@ def playoff(
     names = ", ".join(f"{r.backend}/{r.recipe.name}" for r in finalists)
     for result, t in zip(finalists, timed[1:], strict=True):
         before = result.metrics[key]
-        result.metrics[key] = float(np.median(ref) / np.median(t.block_ms))
+        result.metrics[key] = paired_speedup(ref, t.block_ms)
         result.metrics[key + "_ci_low"], result.metrics[key + "_ci_high"] = speedup_ci(ref, t.block_ms)
         result.metrics["playoff_blocks"] = float(t.blocks)
         result.notes.append(
