@@ -41,7 +41,7 @@ import realmodels
 from quantgate.plugins.onnxruntime import OrtRunner
 from quantgate.plugins.openvino import OvRunner
 from quantgate.policy import LatencyPolicy
-from quantgate.validators.latency import choose_blocks, measure_blocked
+from quantgate.validators.latency import choose_blocks, measure_blocked, paired_speedup
 
 THREADS = 1
 
@@ -125,15 +125,14 @@ def one_model(name: str, seconds: float, workdir: Path, rounds: int = ROUNDS) ->
     runners = list(artifacts.values())
     block = choose_blocks(runners, x, LatencyPolicy().min_block_ms, LatencyPolicy().switch_ms)
     ours: dict[str, list[float]] = {label: [] for label in labels}  # per round: quantgate's p50
-    ours_speed: dict[str, list[float]] = {label: [] for label in labels}  # per round: ORT FP32 p50 / this p50
+    ours_speed: dict[str, list[float]] = {label: [] for label in labels}  # per round: speedup over ORT FP32
     taken: dict[str, list[float]] = {label: [] for label in labels}  # per round: the tool's median
     share = seconds / rounds
     for r in range(rounds):
         timed = measure_blocked(runners, x, warmup=20 if r == 0 else 2, rounds=BLOCKS_PER_ROUND, block_calls=block)
-        p50 = [float(np.median(t.block_ms)) for t in timed]
-        for label, ms in zip(labels, p50, strict=True):
-            ours[label].append(ms)
-            ours_speed[label].append(p50[0] / ms)
+        for label, t in zip(labels, timed, strict=True):
+            ours[label].append(float(np.median(t.block_ms)))
+            ours_speed[label].append(paired_speedup(timed[0].block_ms, t.block_ms))  # as the validator computes it
         taken["onnxruntime fp32"].append(tight_loop_ms(prepared.onnx, x, share))
         for label, (xml, static) in irs.items():
             taken[label].append(benchmark_app_ms(xml, spec.input_shape, spec.input_name, "f32", share, static=static))
