@@ -284,28 +284,6 @@ def sibling_name(source_name: str, backend: str, precision: str) -> str:
     return f"{source_name}-{backend}-{precision}"
 
 
-def find_existing(client: Any, name: str, source: SourceVersion, recipe_hash: str) -> str | None:
-    """Version of ``name`` already registered from this source version and recipe, if any."""
-    from mlflow.exceptions import MlflowException
-
-    escaped = name.replace("'", "\\'")
-    try:
-        versions = client.search_model_versions(f"name = '{escaped}'")
-    except MlflowException as exc:
-        if _not_found(exc):
-            return None
-        raise
-    for mv in versions:
-        tags = mv.tags or {}
-        if (
-            tags.get(TAG + "source_name") == source.name
-            and tags.get(TAG + "source_version") == source.version
-            and tags.get(TAG + "recipe_hash") == recipe_hash
-        ):
-            return str(mv.version)
-    return None
-
-
 def tags_to_strings(values: Mapping[str, object]) -> dict[str, str]:
     out = {}
     for k, v in values.items():
