@@ -301,10 +301,10 @@ def report(
 
 def _logged_gate(client: Any, run_id: str) -> dict[str, Any] | None:
     """The gate thresholds of the policy that run used (for threshold lines in the plots), if logged."""
-    from quantgate import review
+    from quantgate import names, review
 
     with contextlib.suppress(InputError):
-        policy = review.load_artifact_json(client, run_id, "policy.json")
+        policy = review.load_artifact_json(client, run_id, names.POLICY)
         gate = policy.get("gate")
         return gate if isinstance(gate, dict) else None
     return None

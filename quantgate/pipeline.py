@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from quantgate import gate, qat, registry, search
+from quantgate import gate, names, qat, registry, search
 from quantgate.build import BuildJob, BuildTimeout, BuildWorker, build
 from quantgate.cache import CandidateCache, RunKey
 from quantgate.data import NpzDataset, check_values, resolve_data_uri
@@ -70,8 +70,6 @@ from quantgate.validators.latency import (
 
 log = logging.getLogger("quantgate")
 
-DATA_TAGS = {"calibration": "quantgate.calibration", "evaluation": "quantgate.evaluation"}
-
 
 @dataclass(frozen=True)
 class Intake:
@@ -112,12 +110,11 @@ def _data_uri(role: str, policy: Policy, source: registry.SourceVersion) -> str:
     uri = getattr(policy.data, role)
     if uri:
         return str(uri)
-    tagged = source.tags.get(DATA_TAGS[role])
+    tagged = source.tags.get(names.DATA_TAGS[role])
     if tagged:
         return tagged
-    raise DataError(
-        f"no {role} data: set data.{role} in the policy or tag {source.uri} with {DATA_TAGS[role]}=<uri of a .npz>"
-    )
+    tag = names.DATA_TAGS[role]
+    raise DataError(f"no {role} data: set data.{role} in the policy or tag {source.uri} with {tag}=<uri of a .npz>")
 
 
 def load_data(policy: Policy, source: registry.SourceVersion, model: ModelInfo, workdir: Path) -> DataSets:

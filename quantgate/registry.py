@@ -23,8 +23,6 @@ from quantgate.redact import has_credentials, is_redacted, redact
 
 log = logging.getLogger(__name__)
 
-TAG = "quantgate."
-MANAGED_TAG = TAG + "managed"
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))$")
 
 

@@ -22,17 +22,11 @@ from quantgate.policy import HardwareRequirements, Policy, TargetPolicy
 from quantgate.result import CandidateResult
 
 STEP_DEPLOYMENT = "compress-step"
-STEP_ARTIFACT_DIR = "steps"
 
 
 def deployment_name(pool: str) -> str:
     """The step deployment of a pool: flow ``compress-step``, deployment named after the pool."""
     return f"{STEP_DEPLOYMENT}/{pool}"
-
-
-def step_artifact(pool: str) -> str:
-    """Where a step leaves its results on the parent MLflow run."""
-    return f"{STEP_ARTIFACT_DIR}/{pool}.json"
 
 
 def mismatches(hw: Hardware, req: HardwareRequirements) -> list[str]:
