@@ -487,7 +487,7 @@ def serve_webhooks(
 @app.command()
 def deploy(config: ConfigOption = None, tracking_uri: TrackingOption = None) -> None:
     """Create the work pool and the compress-model and nightly deployments on the Prefect server (PREFECT_API_URL)."""
-    from quantgate.automation.setup import deploy as apply_deployments
+    from quantgate.flows.deployments import deploy as apply_deployments
     from quantgate.redact import redact
 
     _quiet_libraries()
