@@ -204,7 +204,7 @@ def rng() -> np.random.Generator:
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
     """Prefect's own test harness: a temporary server and database for the whole test run."""
-    from quantgate.flows.runtime import configure_prefect_env
+    from quantgate.flows.prefect_server import configure_prefect_env
 
     configure_prefect_env()
     from prefect.testing.utilities import prefect_test_harness
@@ -232,7 +232,7 @@ def registered_digits_template(digits_onnx: Path, _empty_store: Path, tmp_path_f
 @pytest.fixture(scope="session")
 def qg_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A QUANTGATE_HOME for CLI subprocesses: they share one local Prefect server, stopped at the end."""
-    from quantgate.flows.runtime import stop_local_server
+    from quantgate.flows.prefect_server import stop_local_server
 
     home = tmp_path_factory.mktemp("qghome")
     try:

@@ -17,7 +17,7 @@ from quantgate import pipeline, qat, qat_search, registry, report, search, targe
 from quantgate.build import BuildWorker
 from quantgate.cache import CandidateCache, RunKey
 from quantgate.errors import BackendError, InfrastructureError, InputError, infrastructure_cause
-from quantgate.flows import dispatch, orphans
+from quantgate.flows import orphans, step_runs
 from quantgate.flows.locks import PrefectLock
 from quantgate.hardware import Hardware, detect
 from quantgate.model import ModelInfo
@@ -312,13 +312,13 @@ def start_parent_task(
 
 
 @task(name="start-step", task_run_name="start-step-{pool}", cache_policy=NO_CACHE, persist_result=False)
-def start_step_task(pool: str, parameters: dict[str, Any], key: str) -> dispatch.StepRun:
-    return dispatch.start(pool, parameters, key)
+def start_step_task(pool: str, parameters: dict[str, Any], key: str) -> step_runs.StepRun:
+    return step_runs.start(pool, parameters, key)
 
 
 @task(name="wait-step", task_run_name="wait-step-{step.pool}", cache_policy=NO_CACHE, persist_result=False)
-def wait_step_task(step: dispatch.StepRun, deadline: float) -> str | None:
-    return dispatch.wait(step, deadline)
+def wait_step_task(step: step_runs.StepRun, deadline: float) -> str | None:
+    return step_runs.wait(step, deadline)
 
 
 @task(name="read-step", task_run_name="read-step-{pool}", cache_policy=NO_CACHE, persist_result=False, **MLFLOW_RETRY)
@@ -327,7 +327,7 @@ def read_step_task(tracking_uri: str, parent_id: str, pool: str) -> dict[str, An
 
 
 def _collect_step(
-    step: dispatch.StepRun,
+    step: step_runs.StepRun,
     deadline: float,
     tracking_uri: str,
     parent_id: str,
@@ -353,7 +353,7 @@ def _start_steps(
     policy: Policy,
     tracking_uri: str,
     parent_id: str,
-) -> list[tuple[dispatch.StepRun, float]]:
+) -> list[tuple[step_runs.StepRun, float]]:
     """Each pool's step with the deadline of its slowest target; the data URIs are pinned for every step."""
     with_data = policy.with_data(data.calibration_uri, data.evaluation_uri, data.training_uri or None)
     pinned = with_data.model_dump(mode="json")
@@ -389,7 +389,7 @@ def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: 
     qat.refuse_flavor([p.recipe for p in planned], taken.flavor, source.uri)
     validators = load_validators()  # entry points are read once per run, not once per candidate
     clock.lap("data")
-    here = dispatch.current_pool() if policy.targets else None
+    here = step_runs.current_pool() if policy.targets else None
     remote = {
         pool: backends
         for pool, backends in policy.pools().items()
