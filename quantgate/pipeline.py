@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -831,10 +831,15 @@ def playoff(
         )
 
 
-def promote(results: list[CandidateResult]) -> CandidateResult | None:
-    """Mark and return the fastest passing candidate."""
+def winner(results: Sequence[CandidateResult]) -> CandidateResult | None:
+    """The fastest passing candidate (``gate.choose_winner``), or ``None``; nothing is changed."""
     index = gate.choose_winner([(r.verdict, r.metrics) for r in results])
-    if index is None:
-        return None
-    results[index].promoted = True
-    return results[index]
+    return None if index is None else results[index]
+
+
+def promote(results: Sequence[CandidateResult]) -> CandidateResult | None:
+    """Mark and return the fastest passing candidate, for a caller that keeps the results itself."""
+    best = winner(results)
+    if best is not None:
+        best.promoted = True
+    return best

@@ -102,6 +102,27 @@ def check_targets(
     return out
 
 
+@dataclass(frozen=True)
+class Split:
+    """A plan divided between this process (``local``) and the target pools whose steps run elsewhere (``remote``:
+    pool -> its backends)."""
+
+    local: list[PlannedRecipe]
+    remote: dict[str, tuple[str, ...]]
+
+
+def split(planned: Sequence[PlannedRecipe], policy: Policy, here: str | None) -> Split:
+    """Which recipes this process measures, and which pools must run a step: a pool other than ``here`` (the pool
+    this run was picked up from, ``None`` outside a worker) with a planned backend; the rest runs here."""
+    remote = {
+        pool: backends
+        for pool, backends in policy.pools().items()
+        if pool != here and any(p.backend in backends for p in planned)
+    }
+    routed = {b for backends in remote.values() for b in backends}
+    return Split([p for p in planned if p.backend not in routed], remote)
+
+
 @dataclass
 class StepOutcome:
     """What came back from one pool: its candidates, their fingerprints as recorded, and its timings."""
