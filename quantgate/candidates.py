@@ -135,7 +135,7 @@ def run_candidates(
 
     for i, item in enumerate(planned):
         if item.recipe is None:
-            results[i] = pipeline.unavailable_result(item, hardware, ctx.has_labels, policy)
+            results[i] = pipeline.unavailable_result(item, hardware)
     fallback = qat_search.setup(planned, ctx.intake, ctx.data, policy, state)  # QAT, if no post-training one holds
     if progress is not None:
         state.listeners.append(progress.on_event)
@@ -158,7 +158,7 @@ def run_candidates(
             state.index += 1
             base = baseline(reference_name() if item.prepare_only else item.backend)
             if isinstance(base, str):
-                results[pick.index] = pipeline.failed_result(item.recipe, base, hardware, ctx.has_labels, policy)
+                results[pick.index] = pipeline.failed_result(item.recipe, base, hardware)
                 continue
             step = steps.prepare if item.prepare_only else steps.candidate
             run = step(item, base, ctx, state)

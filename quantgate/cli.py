@@ -173,9 +173,10 @@ def compress(
     prefect: Annotated[str, typer.Option(help="local (reused local server) or ephemeral")] = "local",
 ) -> None:
     """Compress one registered model version, gate every candidate, register what passes."""
-    from quantgate import registry
+    from quantgate import gate, registry
     from quantgate.flows.prefect_server import PrefectStart
     from quantgate.policy import load_policy
+    from quantgate.validators.base import load_validators
 
     _quiet_libraries()
     pol = load_policy(policy)
@@ -183,6 +184,7 @@ def compress(
     uri = tracking_uri or registry.default_tracking_uri()
     shown = _use_tracking_uri(uri)
     starting = PrefectStart(prefect)
+    gate.configure(pol.gate, load_validators())  # gate.checks against what is installed (the flow checks it too)
     registry.check_reachable(uri)
     _preload_backends(pol.backends)
     starting.wait()
@@ -358,17 +360,20 @@ def backends() -> None:
 @app.command()
 @exit_codes
 def validators() -> None:
-    """List every installed validator, and why one that is installed cannot be used."""
-    from quantgate.validators.base import VALIDATORS
+    """List every installed validator, the gate checks it declares, and why one that is installed cannot be used."""
+    from quantgate.gate import policy_key
+    from quantgate.validators.base import VALIDATORS, check_declarations, declared_checks
 
     _quiet_libraries()
-    table = Table("validator", "entry point", "loaded", "why not")
+    table = Table("validator", "entry point", "loaded", "gate checks: the policy key that sets them", "why not")
     for plugin in VALIDATORS.installed():
         ok = plugin.error is None
-        table.add_row(
-            plugin.name, plugin.target, "[green]yes[/]" if ok else "[red]refused[/]", escape(plugin.error or "")
-        )
+        specs = declared_checks(VALIDATORS.load(plugin.name)) if ok else ()
+        checks = ", ".join(f"{s.name}: {policy_key(plugin.name, s.name)}" for s in specs)
+        loaded = "[green]yes[/]" if ok else "[red]refused[/]"
+        table.add_row(plugin.name, plugin.target, loaded, escape(checks), escape(plugin.error or ""))
     out.print(table)
+    check_declarations(VALIDATORS.loadable())  # two that declare the same name stop every run: say so here too
 
 
 def _automation(config: Path | None, tracking_uri: str | None) -> tuple[AutomationConfig, str]:

@@ -14,7 +14,7 @@ from uuid import UUID
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from quantgate import candidates, pipeline, qat, registry, report, search, targets, tracking
+from quantgate import candidates, gate, pipeline, qat, registry, report, search, targets, tracking
 from quantgate.candidates import RunContext
 from quantgate.errors import InfrastructureError, InputError, infrastructure_cause
 from quantgate.flows import orphans, step_runs
@@ -232,8 +232,6 @@ def _collect_step(
     parent_id: str,
     planned: list[PlannedRecipe],
     hardware: Hardware,
-    has_labels: bool,
-    policy: Policy,
 ) -> targets.StepOutcome:
     """Wait for one pool's step and rebuild its candidates; a step that failed fails only its own recipes."""
     why = wait_step_task(step, deadline)
@@ -242,7 +240,7 @@ def _collect_step(
             return targets.read_step_document(step.pool, read_step_task(tracking_uri, parent_id, step.pool))
         except Exception as exc:  # any unreadable result is that pool's failure, reported as such
             why = f"the step in pool {step.pool} completed but its results could not be read: {exc}"
-    return targets.failed_step(step.pool, planned, why, hardware, has_labels, policy)
+    return targets.failed_step(step.pool, planned, why, hardware)
 
 
 def _start_steps(
@@ -278,6 +276,8 @@ def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: 
     by a step flow run in their pool, started before the local candidates and gated here with them.
     """
     clock = Clock()
+    validators = tuple(load_validators())  # entry points are read once per run, not once per candidate
+    gate.configure(policy.gate, validators)  # the policy's checks against what they declare, before any work
     source = resolve_task(model_uri, tracking_uri)
     clock.lap("resolve")
     taken = intake_task(source, workdir, policy.intake.allow_pickle)
@@ -286,7 +286,6 @@ def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: 
     hardware = detect()
     planned = pipeline.plan(policy, taken.model)
     qat.refuse_flavor([p.recipe for p in planned], taken.flavor, source.uri)
-    validators = tuple(load_validators())  # entry points are read once per run, not once per candidate
     clock.lap("data")
     split = targets.split(planned, policy, step_runs.current_pool() if policy.targets else None)
     remote = split.remote
@@ -300,11 +299,10 @@ def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: 
         )
         results = targets.check_targets(results, policy)
         clock.lap("candidates")
-        has_labels = data.evaluation.has_labels
         for step, deadline in steps:
             mine = [p for p in planned if p.backend in remote[step.pool]]
             assert parent_id is not None
-            outcome = _collect_step(step, deadline, tracking_uri, parent_id, mine, hardware, has_labels, policy)
+            outcome = _collect_step(step, deadline, tracking_uri, parent_id, mine, hardware)
             results.extend(outcome.checked(policy))
             compress_s += outcome.timings.get("compress_s", 0.0)
             validate_s += outcome.timings.get("validate_s", 0.0)

@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from quantgate import candidates, pipeline, registry, targets, tracking
+from quantgate import candidates, gate, pipeline, registry, targets, tracking
 from quantgate.candidates import RunContext
 from quantgate.flows import orphans
 from quantgate.flows.compress import MLFLOW_RETRY, TASK_STEPS, Clock, data_task, intake_task, resolve_task
@@ -39,12 +39,14 @@ def run_step(
     from prefect.runtime import flow_run
 
     clock = Clock()
+    validators = tuple(load_validators())
+    gate.configure(policy.gate, validators)
     source = resolve_task(model_uri, tracking_uri)
     taken = intake_task(source, workdir, policy.intake.allow_pickle)
     data = data_task(policy, source, taken.model, workdir)
     hardware = detect()
     planned = pipeline.plan(policy, taken.model, backends)
-    ctx = RunContext(taken, data, policy, hardware, workdir, tuple(load_validators()))
+    ctx = RunContext(taken, data, policy, hardware, workdir, validators)
     results, compress_s, validate_s = candidates.run_candidates(planned, ctx, TASK_STEPS)
     timings = {"compress_s": compress_s, "validate_s": validate_s, "step_s": clock.total()}
     doc = targets.step_document(pool, str(flow_run.id or "") or None, hardware, results, timings)

@@ -28,7 +28,7 @@ from quantgate.data import NpzDataset
 from quantgate.errors import BackendError, BackendUnavailable
 from quantgate.model import ModelInfo, read_model_info
 from quantgate.plugins.base import BACKENDS, Availability, Backend, Calibration, Candidate, Recipe
-from quantgate.validators.base import VALIDATORS, Validator
+from quantgate.validators.base import VALIDATORS, Reading, Threshold, Validator, check_declarations, declared_checks
 
 try:
     import pytest
@@ -169,6 +169,19 @@ if pytest is not None:
 
         def test_loads_through_its_entry_point(self, validator: Validator) -> None:
             assert type(VALIDATORS.load(validator.name)) is type(validator)
+
+        def test_its_declarations_clash_with_no_installed_validator(self, validator: Validator) -> None:
+            others = [v for v in VALIDATORS.loadable() if v.name != validator.name]
+            check_declarations([*others, validator])  # a PolicyError names the clash
+
+        def test_its_checks_have_a_schema_and_read_a_missing_metric_as_not_measured(self, validator: Validator) -> None:
+            specs = declared_checks(validator)
+            assert len({s.name for s in specs}) == len(specs)
+            for spec in specs:
+                assert issubclass(spec.settings, Threshold) and spec.bound in ("min", "max"), spec.name
+                settings = spec.settings.model_construct(limit=1.0)  # defaults for its other settings
+                reading = spec.reading({}, settings)
+                assert isinstance(reading, Reading) and reading.value is None, f"{spec.name} read a value from nothing"
 
 
 def __getattr__(name: str) -> Any:
