@@ -57,6 +57,10 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
+    # Some warnings get past that filter (MLflow shows its UserWarnings "once" whatever the filters say, e.g. for a
+    # plugin's pyfunc model without type hints, at import): they go to logging, quiet, not to the stderr we own.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.CRITICAL)
     for name in ("mlflow", "alembic", "prefect", "urllib3", "httpx", "onnxruntime", "root", "torch", "nncf"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -1,4 +1,6 @@
-"""What a plugin author needs to know their plugin works: contract suites to subclass, and a small model with data.
+"""What a plugin author needs to know their plugin works: contract suites to subclass, a small model with data, and
+a sandbox that runs the real CLI end to end (``quantgate.testing.sandbox``: a throwaway MLflow store, ``quantgate
+compress --json`` in a subprocess, ``mlflow models serve`` of what it registered).
 
 In your package's tests::
 
@@ -28,6 +30,19 @@ from quantgate.data import NpzDataset
 from quantgate.errors import BackendError, BackendUnavailable
 from quantgate.model import ModelInfo, read_model_info
 from quantgate.plugins.base import BACKENDS, Availability, Backend, Calibration, Candidate, Recipe
+from quantgate.testing.sandbox import (
+    CompressRun,
+    Sandbox,
+    free_port,
+    model_versions,
+    predict_rest,
+    register_onnx,
+    register_pytorch,
+    run_quantgate,
+    running_server,
+    serve_model,
+    write_policy,
+)
 from quantgate.validators.base import VALIDATORS, Reading, Threshold, Validator, check_declarations, declared_checks
 
 try:
@@ -35,7 +50,23 @@ try:
 except ImportError:  # pragma: no cover - the suites are only collected under pytest
     pytest = None  # type: ignore[assignment]
 
-__all__ = ["BackendContract", "ValidatorContract", "calibration_for", "small_onnx_model"]
+__all__ = [
+    "BackendContract",
+    "CompressRun",
+    "Sandbox",
+    "ValidatorContract",
+    "calibration_for",
+    "free_port",
+    "model_versions",
+    "predict_rest",
+    "register_onnx",
+    "register_pytorch",
+    "run_quantgate",
+    "running_server",
+    "serve_model",
+    "small_onnx_model",
+    "write_policy",
+]
 
 
 def small_onnx_model(path: Path, *, seed: int = 0) -> ModelInfo:
