@@ -127,7 +127,7 @@ def _check_names(
             raise PolicyError(f"invalid policy: {where}: validator '{name}' declares no gate checks")
         for check in checks:
             if check not in declared[name]:
-                raise _unknown(f"{where}.{check}", f"check of validator '{name}'", check, sorted(declared[name]))
+                raise _unknown(f"{where}.{check}", "check", check, sorted(declared[name]), f" of validator '{name}'")
             if (name, check) in legacy:
                 keys = ", ".join(f"gate.{k}" for k, (v, c, _) in TOP_LEVEL.items() if (v, c) == (name, check))
                 raise PolicyError(f"invalid policy: {where}.{check}: this check is set with {keys}; set it there")
@@ -139,11 +139,11 @@ def _check_names(
             )
 
 
-def _unknown(where: str, what: str, name: str, known: Sequence[str]) -> PolicyError:
+def _unknown(where: str, what: str, name: str, known: Sequence[str], of: str = "") -> PolicyError:
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     maybe = f"; did you mean '{close[0]}'?" if close else ""
     return PolicyError(
-        f"invalid policy: {where}: unknown {what} '{name}'{maybe} (declared: {', '.join(known) or 'none'})"
+        f"invalid policy: {where}: unknown {what} '{name}'{of}{maybe} (declared: {', '.join(known) or 'none'})"
     )
 
 

@@ -171,13 +171,13 @@ def test_only_the_named_validators_checks_apply_before_the_others_are_measured()
     ("checks", "top", "message"),
     [
         ({"enrgy": {"max_ratio": 1}}, {}, "gate.checks.enrgy: unknown validator 'enrgy'; did you mean 'energy'?"),
-        ({"energy": {"max_rato": 1}}, {}, "unknown check of validator 'energy' 'max_rato'; did you mean 'max_ratio'?"),
+        ({"energy": {"max_rato": 1}}, {}, "unknown check 'max_rato' of validator 'energy'; did you mean 'max_ratio'?"),
         (
             {"fidelity": {"fidelity": 0.9}},
             {},
             "gate.checks.fidelity.fidelity: this check is set with gate.min_fidelity",
         ),
-        ({"size": {"x": 1}}, {}, "gate.checks.size.x: unknown check of validator 'size' 'x'"),
+        ({"size": {"x": 1}}, {}, "gate.checks.size.x: unknown check 'x' of validator 'size'"),
         ({"energy": {"max_joules": -1}}, {}, "gate.checks.energy.max_joules.limit: Input should be greater than 0"),
         ({"energy": {"max_joules": "1e400"}}, {}, "gate.checks.energy.max_joules.limit: Input should be a finite"),
         ({"energy": {"max_joules": {"limit": 1, "batsh": 2}}}, {}, "max_joules.batsh: unknown setting"),

@@ -274,8 +274,8 @@ def test_a_policy_that_misnames_a_third_party_check_is_exit_2_with_the_closest_n
     run = box.compress(source, test_policy(calib_npz, eval_npz, backends=["tiny"], gate=gate))
     assert run.exit_code == 2 and run.document is None, run.stderr
     assert run.stderr.strip() == (
-        "quantgate: error: invalid policy: gate.checks.outscale.max_output_scal: unknown check of validator "
-        "'outscale' 'max_output_scal'; did you mean 'max_output_scale'? (declared: max_output_scale)"
+        "quantgate: error: invalid policy: gate.checks.outscale.max_output_scal: unknown check 'max_output_scal' "
+        "of validator 'outscale'; did you mean 'max_output_scale'? (declared: max_output_scale)"
     )
     assert box.versions() == [("digits", "1", {})]
 
