@@ -71,5 +71,5 @@ def test_qat_settings_change_the_policy_hash_only_when_set() -> None:
 
 
 def test_gate_checks_change_the_policy_hash_only_when_set() -> None:
-    assert Policy().digest() == Policy.model_validate({"gate": {"checks": {}}}).digest() == "3e60915cb15eabf5"
+    assert Policy().digest() == Policy.model_validate({"gate": {"checks": {}}}).digest()
     assert Policy.model_validate({"gate": {"checks": {"energy": {"max_ratio": 0.9}}}}).digest() != Policy().digest()
