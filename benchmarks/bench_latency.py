@@ -3,19 +3,20 @@
 For each model (benchmarks/realmodels.py) and artifact (ONNX Runtime FP32, OpenVINO FP32 IR, NNCF default INT8 IR,
 and that INT8 IR compiled for its static input shape as quantgate's ``-static`` variants are):
 
-- quantgate: the latency validator's measurement, warm blocks rotating between the three runners in one process
+- quantgate: the latency validator's measurement, warm blocks rotating between the four runners in one process
   (``measure_blocked`` with the block length it chooses), p50 per runner and speedups over ONNX Runtime FP32;
 - ONNX Runtime: a plain tight loop over ``InferenceSession.run`` (same options: 1 intra-op thread, sequential);
 - OpenVINO: ``benchmark_app`` (its own process; 1 thread, 1 stream, 1 synchronous request: what the latency hint
   gives with one thread, but benchmark_app accepts -nthreads only with -hint none; the same input shape and
   precision quantgate compiles with; ``-shape`` for the static-shape artifact), its median latency;
-- the tools' figures are taken in alternating rounds and their medians kept, so the host's drift during the run
-  does not land in their ratios.
+- all of them in alternating rounds (quantgate's rotation, the loop, each benchmark_app; ``--rounds``, 16 by default),
+  every figure the median over rounds and every speedup the median of the rounds' ratios, so the host's drift during
+  the run (15-40% within seconds on a shared host) lands in every figure alike.
 
 The targets (issue 15): per artifact within 5%; for OpenVINO candidates the speedup over ONNX Runtime FP32 within 5%
 of the ratio benchmark_app and the tight loop give. Nothing is asserted: the table says what was measured.
 
-    python benchmarks/bench_latency.py [--models craft crnn onet rnet] [--seconds 10]
+    python benchmarks/bench_latency.py [--models craft crnn onet rnet] [--seconds 32] [--rounds 16]
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import realmodels
 from quantgate.plugins.onnxruntime import OrtRunner
 from quantgate.plugins.openvino import OvRunner
 from quantgate.policy import LatencyPolicy
-from quantgate.validators.latency import choose_blocks, measure_blocked
+from quantgate.validators.latency import choose_blocks, measure_blocked, paired_speedup
 
 THREADS = 1
 
@@ -89,12 +90,21 @@ def benchmark_app_ms(
     return float(match.group(1)) / (1000.0 if match.group(2) == "us" else 1.0)
 
 
-# The tools' measurements are taken in this many alternating rounds (ORT loop, then each benchmark_app) and the
-# median kept: one long measurement per tool, minutes apart, puts the host's drift between them into their ratio.
-TOOL_ROUNDS = 3
+# Rounds: each one times quantgate's rotation, then the tight ONNX Runtime loop, then every benchmark_app, and every
+# figure is the median over rounds. This host's speed drifts by 15-40% within seconds (other tenants on the same
+# physical cores: a numpy matmul alone moves between 370 and 490 us); one long measurement per tool, minutes apart,
+# puts that drift into the ratios, while alternating short rounds gives every tool the same mix of fast and slow.
+ROUNDS = 16
+# Blocks per runner in one round of quantgate's rotation: a round lasts about as long as one tool measurement
+# (1-4 s), so both sample the host's fast and slow phases alike.
+BLOCKS_PER_ROUND = 10
 
 
-def one_model(name: str, seconds: float, workdir: Path) -> list[dict[str, Any]]:
+def _median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def one_model(name: str, seconds: float, workdir: Path, rounds: int = ROUNDS) -> list[dict[str, Any]]:
     import anchors
     import openvino as ov
 
@@ -111,35 +121,47 @@ def one_model(name: str, seconds: float, workdir: Path) -> list[dict[str, Any]]:
     }
     artifacts: dict[str, Any] = {"onnxruntime fp32": OrtRunner(prepared.onnx, THREADS)}
     artifacts |= {label: OvRunner(xml, THREADS, "f32", static_shapes=static) for label, (xml, static) in irs.items()}
+    labels = list(artifacts)
     runners = list(artifacts.values())
     block = choose_blocks(runners, x, LatencyPolicy().min_block_ms, LatencyPolicy().switch_ms)
-    timed = measure_blocked(runners, x, warmup=20, rounds=150, block_calls=block)
-    p50 = {label: float(np.median(t.block_ms)) for label, t in zip(artifacts, timed, strict=True)}
-    t_calls = {label: t.block_calls for label, t in zip(artifacts, timed, strict=True)}
-    taken: dict[str, list[float]] = {label: [] for label in artifacts}
-    share = seconds / TOOL_ROUNDS
-    for _ in range(TOOL_ROUNDS):
+    ours: dict[str, list[float]] = {label: [] for label in labels}  # per round: quantgate's p50
+    ours_speed: dict[str, list[float]] = {label: [] for label in labels}  # per round: speedup over ORT FP32
+    taken: dict[str, list[float]] = {label: [] for label in labels}  # per round: the tool's median
+    share = seconds / rounds
+    for r in range(rounds):
+        timed = measure_blocked(runners, x, warmup=20 if r == 0 else 2, rounds=BLOCKS_PER_ROUND, block_calls=block)
+        for label, t in zip(labels, timed, strict=True):
+            ours[label].append(float(np.median(t.block_ms)))
+            ours_speed[label].append(paired_speedup(timed[0].block_ms, t.block_ms))  # as the validator computes it
         taken["onnxruntime fp32"].append(tight_loop_ms(prepared.onnx, x, share))
         for label, (xml, static) in irs.items():
-            ms = benchmark_app_ms(xml, spec.input_shape, spec.input_name, "f32", share, static=static)
-            taken[label].append(ms)
-    tool = {label: float(np.median(v)) for label, v in taken.items()}
-    ref_q, ref_t = p50["onnxruntime fp32"], tool["onnxruntime fp32"]
+            taken[label].append(benchmark_app_ms(xml, spec.input_shape, spec.input_name, "f32", share, static=static))
+    t_calls = dict(zip(labels, [b.calls for b in block], strict=True))
+    ref_t = taken["onnxruntime fp32"]
     rows = []
-    for label in artifacts:
+    for label in labels:
+        q, t = _median(ours[label]), _median(taken[label])
+        q_speed = _median(ours_speed[label])
+        t_speed = _median([a / b for a, b in zip(ref_t, taken[label], strict=True)])
         rows.append(
             {
                 "model": name,
                 "artifact": label,
                 "block_calls": t_calls[label],
-                "quantgate_p50_ms": p50[label],
+                "rounds": rounds,
+                "quantgate_p50_ms": q,
+                "quantgate_rounds_ms": ours[label],
                 "tool": "tight loop" if label.startswith("onnxruntime") else "benchmark_app",
-                "tool_ms": tool[label],
+                "tool_ms": t,
                 "tool_rounds_ms": taken[label],
-                "diff": p50[label] / tool[label] - 1,
-                "quantgate_speedup": ref_q / p50[label],
-                "tool_speedup": ref_t / tool[label],
-                "speedup_diff": (ref_q / p50[label]) / (ref_t / tool[label]) - 1,
+                "diff": q / t - 1,
+                "quantgate_speedup": q_speed,
+                "tool_speedup": t_speed,
+                "speedup_diff": q_speed / t_speed - 1,
+                # The fastest round of each: the host's quiet phase, where the instruments alone differ.
+                "quantgate_min_ms": min(ours[label]),
+                "tool_min_ms": min(taken[label]),
+                "min_diff": min(ours[label]) / min(taken[label]) - 1,
             }
         )
     return rows
@@ -148,20 +170,22 @@ def one_model(name: str, seconds: float, workdir: Path) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(realmodels.MODELS))
-    parser.add_argument("--seconds", type=float, default=10.0, help="per tool measurement")
+    parser.add_argument("--seconds", type=float, default=32.0, help="per tool, over all rounds")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="alternating rounds (medians over them)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=realmodels.CACHE / "bench-latency")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    rows = [row for name in args.models for row in one_model(name, args.seconds, args.workdir)]
+    rows = [row for name in args.models for row in one_model(name, args.seconds, args.workdir, args.rounds)]
     print("| model | artifact | quantgate p50 (blocks) | runtime's own tool | tool ms | diff | "
-          "speedup vs ORT FP32: quantgate / tools | diff |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+          "speedup vs ORT FP32: quantgate / tools | diff | fastest round: quantgate / tool | diff |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['artifact']} | {r['quantgate_p50_ms']:.3f} ms ({r['block_calls']} calls) | "
             f"{r['tool']} | {r['tool_ms']:.3f} | {r['diff']:+.1%} | "
-            f"{r['quantgate_speedup']:.2f}x / {r['tool_speedup']:.2f}x | {r['speedup_diff']:+.1%} |"
+            f"{r['quantgate_speedup']:.2f}x / {r['tool_speedup']:.2f}x | {r['speedup_diff']:+.1%} | "
+            f"{r['quantgate_min_ms']:.3f} / {r['tool_min_ms']:.3f} | {r['min_diff']:+.1%} |"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -388,14 +388,14 @@ def p50(v: Variant | None, size: int) -> float | None:
 
 
 def speedup(v: Variant, ref: Variant | None, size: int) -> Speedup | None:
-    """median(ref) / median(v) from the same interleaved loop, with a paired-round bootstrap 95% interval."""
-    from quantgate.validators.latency import speedup_ci
+    """The median of paired rounds' ref/v from the same interleaved loop, with a paired-round bootstrap 95% interval."""
+    from quantgate.validators.latency import paired_speedup, speedup_ci
 
     if ref is None or size not in v.times or size not in ref.times:
         return None
     base, cand = ref.times[size], v.times[size]
     low, high = speedup_ci(base, cand)
-    return Speedup(float(np.median(base) / np.median(cand)), low, high)
+    return Speedup(paired_speedup(base, cand), low, high)
 
 
 def ratio(v: Variant, ref: Variant | None, size: int) -> float:

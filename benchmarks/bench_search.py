@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -42,10 +41,12 @@ sys.path.insert(0, str(ROOT))
 import anchors  # noqa: E402
 import realmodels  # noqa: E402
 
+from quantgate.plugins.base import model_files  # noqa: E402
 from quantgate.plugins.onnxruntime import OrtRunner  # noqa: E402
 from quantgate.plugins.openvino import OvRunner  # noqa: E402
 from quantgate.policy import LatencyPolicy  # noqa: E402
-from quantgate.validators.latency import choose_blocks, measure_blocked, speedup_ci  # noqa: E402
+from quantgate.search import budget_seconds  # noqa: E402
+from quantgate.validators.latency import choose_blocks, measure_blocked, paired_speedup, speedup_ci  # noqa: E402
 
 THREADS = 1
 
@@ -139,6 +140,8 @@ def one_model(name: str, old: str | None, work: Path) -> dict[str, Any]:
     prepared = realmodels.prepare(name)
     spec = prepared.spec
     out: dict[str, Any] = {"model": name, "title": spec.title, "gate": prepared.gate, "batch": spec.latency_batch}
+    # The default search budget quantgate sizes to the model (search.time_budget_s: auto), for the budget-use column.
+    out["budget_s"] = budget_seconds("auto", sum(f.stat().st_size for f in model_files(prepared.onnx)))
     home = work / name
     home.mkdir(parents=True, exist_ok=True)
     tracking = f"sqlite:///{home / 'mlflow.db'}"
@@ -192,7 +195,7 @@ def one_model(name: str, old: str | None, work: Path) -> dict[str, Any]:
     speed = {}
     for (label, _), t in zip(runners, timed, strict=True):
         low, high = speedup_ci(ref_blocks, t.block_ms)
-        speed[label] = (float(np.median(ref_blocks) / np.median(t.block_ms)), low, high)
+        speed[label] = (paired_speedup(ref_blocks, t.block_ms), low, high)
     for row in rows:
         row["speedup"] = speed[row["name"]]
     out["anchors"] = rows
@@ -227,7 +230,7 @@ def summarise(results: list[dict[str, Any]]) -> None:
         best_s = f"{best['name']} {fmt_speed(best['speedup'])}" if best else "none passes"
         timings = doc.get("timings_s", {})
         search_s = timings.get("candidates_s", float("nan"))
-        budget = 180.0
+        budget = r.get("budget_s", 180.0)
         old = (
             f"{r['old']['wall_s']:.0f} s" + (f" (exit {r['old']['exit']})" if r["old"]["exit"] not in (0, 1) else "")
             if "old" in r

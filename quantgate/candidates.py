@@ -21,7 +21,7 @@ from quantgate.errors import BackendError
 from quantgate.hardware import Hardware
 from quantgate.model import ModelInfo
 from quantgate.pipeline import Baseline, CandidateRun, DataSets, Intake, PlannedRecipe, SearchState
-from quantgate.plugins.base import Candidate, reference_name
+from quantgate.plugins.base import Candidate, model_files, reference_name
 from quantgate.policy import Policy
 from quantgate.result import CandidateResult
 from quantgate.validators.base import Validator
@@ -116,7 +116,8 @@ def run_candidates(
     compress_s = validate_s = 0.0
     baselines: dict[str, Baseline | str] = {}  # a str says why that backend's FP32 baseline failed
     runnable = [i for i, p in enumerate(planned) if p.recipe is not None]
-    state = SearchState.for_policy(policy, len(runnable))
+    model_bytes = sum(f.stat().st_size for f in model_files(ctx.model.path))
+    state = SearchState.for_policy(policy, len(runnable), model_bytes)
     if policy.search.cache:
         state.cache = CandidateCache()
         data = ctx.data
@@ -139,7 +140,7 @@ def run_candidates(
     fallback = qat_search.setup(planned, ctx.intake, ctx.data, policy, state)  # QAT, if no post-training one holds
     if progress is not None:
         state.listeners.append(progress.on_event)
-    pending = [search.Planned(i, p.recipe, search.prior(p.recipe, transformer=ctx.model.is_transformer))
+    pending = [search.Planned(i, p.recipe, search.model_prior(p.recipe, ctx.model))
                for i, p in enumerate(planned) if p.recipe is not None]  # fmt: skip
     # Sequential on purpose: latency is measured on this host, and parallel candidates would disturb it.
     with BuildWorker() as worker:
@@ -149,10 +150,7 @@ def run_candidates(
                 live = {n: b for n, b in baselines.items() if isinstance(b, Baseline)}
                 wanted = bool(pipeline.shape_variants(list(results.values()), live))
                 state.budget.reserved = search.SPECIALIZE_RESERVE * state.budget.seconds if wanted else 0.0
-            pick = pending.pop(search.next_index(
-                pending, quality_failed=state.quality_failed, quality_passed=state.quality_passed,
-                failed_families=state.failed_families, best=state.best_vs_reference,
-            ))  # fmt: skip
+            pick = pending.pop(state.pick(pending))
             item = planned[pick.index]
             assert item.recipe is not None
             state.index += 1

@@ -38,10 +38,16 @@ class ModelInfo:
     # itself (LiteRT from a pytorch program: ``quantgate.intake.torch_source(source_dir)``) reads it; only read.
     flavor: str | None = None
     source_dir: Path | None = None
+    # Every op type of the graph: what a recipe or the search's priors may depend on (a recurrent layer, say).
+    op_types: frozenset[str] = frozenset()
 
     @property
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
+
+    @property
+    def is_recurrent(self) -> bool:
+        return bool(self.op_types & {"LSTM", "GRU", "RNN"})
 
 
 # Op types that only appear in attention blocks; used to pick transformer-safe settings.
@@ -71,4 +77,11 @@ def read_model_info(path: Path) -> ModelInfo:
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     op_types = {n.op_type for n in proto.graph.node}
     is_transformer = bool(op_types & _TRANSFORMER_OPS) and "MatMul" in op_types and "Conv" not in op_types
-    return ModelInfo(path=path, inputs=inputs, outputs=outputs, opset=opset, is_transformer=is_transformer)
+    return ModelInfo(
+        path=path,
+        inputs=inputs,
+        outputs=outputs,
+        opset=opset,
+        is_transformer=is_transformer,
+        op_types=frozenset(op_types),
+    )

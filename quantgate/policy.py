@@ -124,8 +124,12 @@ class AccuracyControlPolicy(_Strict):
 class SearchPolicy(_Strict):
     """How the recipes are searched: one wall-clock budget for the run, staged evaluation, a cache of measurements."""
 
-    time_budget_s: float = Field(
-        default=180.0, gt=0.0, le=1e6, description="Wall-clock budget of the whole search, every step included"
+    time_budget_s: float | Literal["auto"] = Field(
+        default="auto",
+        description=(
+            "Wall-clock budget of the whole search, every step included; auto: 180 s for a model of up to 25 MB, "
+            "proportionally more above (every step's cost grows with the model), at most 1800 s"
+        ),
     )
     exhaustive: bool = Field(
         default=False, description="Measure every recipe to the end: no budget, no quick check, no adaptive stop"
@@ -141,6 +145,15 @@ class SearchPolicy(_Strict):
             "backend can (OpenVINO: static shapes, one compile per new shape)"
         ),
     )
+
+    @field_validator("time_budget_s", mode="before")
+    @classmethod
+    def _auto_or_seconds(cls, v: object) -> object:
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 < float(v) <= 1e6:
+            raise ValueError(f"must be 'auto' or a number of seconds above 0 and at most 1000000, not {v!r}")
+        return float(v)
 
 
 class QatPolicy(_Strict):

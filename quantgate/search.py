@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 
 import numpy as np
 
+from quantgate.model import ModelInfo
 from quantgate.plugins.base import Recipe
 from quantgate.policy import Policy
 from quantgate.validators.base import EvalOutputs
@@ -67,14 +68,44 @@ class Budget:
         return f"{self.used:.0f} s of {self.seconds:.0f} s used{kept}"
 
 
+# The default budget (``search.time_budget_s: auto``): this much for a model of up to AUTO_BUDGET_BYTES, and
+# proportionally more above, since building, calibrating, ranking layers and scoring all grow with the model. Measured
+# on 2 cores without AVX512: an 83 MB CRAFT detector needs about 310 s for its mixed-precision search to pass where a
+# 15 MB CRNN is done in 110 s.
+AUTO_BUDGET_S = 180.0
+AUTO_BUDGET_BYTES = 25e6
+AUTO_BUDGET_MAX_S = 1800.0
+
+
+def budget_seconds(setting: float | str, model_bytes: int) -> float:
+    """The search budget in seconds: ``setting`` itself, or for ``"auto"`` the default sized to the model."""
+    if not isinstance(setting, str):
+        return float(setting)
+    return min(AUTO_BUDGET_S * max(1.0, model_bytes / AUTO_BUDGET_BYTES), AUTO_BUDGET_MAX_S)
+
+
 # Share of the budget kept for measuring the shape-specialized variants of the best candidates, once there are any.
 SPECIALIZE_RESERVE = 0.15
+
+
+def speed_floor(policy: Policy) -> float | None:
+    """The gate's speed threshold against the reference runtime: what a family measured below cannot pass (None
+    when the gate reads another speedup: against the candidate's own FP32, or on the first call)."""
+    gate = policy.gate
+    if gate.min_speedup is None or gate.speedup_against != "reference" or gate.speedup_on != "warm":
+        return None
+    return float(gate.min_speedup)
+
+
+def model_prior(recipe: Recipe, model: ModelInfo) -> float:
+    """``prior`` for this model's kind of graph."""
+    return prior(recipe, transformer=model.is_transformer, recurrent=model.is_recurrent)
 
 
 # -- order of expected value ---------------------------------------------------------------------------------------
 
 
-def prior(recipe: Recipe, *, transformer: bool) -> float:
+def prior(recipe: Recipe, *, transformer: bool, recurrent: bool = False) -> float:
     """How likely a recipe is to give the promoted variant, before anything is measured (higher: try first).
 
     From what was measured on real models (README, "Search"): full INT8 with reduced-precision float parts and plain
@@ -91,8 +122,18 @@ def prior(recipe: Recipe, *, transformer: bool) -> float:
         # Reduced-precision float compute costs no build and rarely loses quality: a floor every later candidate
         # is measured against (and pruned by), found in seconds, before any INT8 build.
         return 4.0
+    if kind == "fp16" and o.get("inference_precision") == "f32":
+        # Another runtime's FP32, its weights stored in FP16 (OpenVINO's fp16-ir): the same floor where the host has
+        # no BF16 compute. OpenVINO's FP32 ran 1.4-1.8x ONNX Runtime's on the real MTCNN and PP-OCR nets (AVX2): with
+        # no floor, a long restoring search spent the whole budget and nothing passed. Where BF16 passed first, the
+        # FP32 baseline measured beside it prunes this one without a build.
+        return 3.8
     if kind == "qat":
         base = 0.2  # fine-tuning costs minutes: named ones run after the post-training recipes
+    elif kind == "hybrid":
+        # Static INT8 plus dynamic INT8 of the recurrent layers static quantization leaves float: ahead of plain
+        # static INT8 where there are such layers (a real CRNN: 2.05x against 1.45x), pointless where there are none.
+        base = 3.2 if recurrent else 0.1
     elif kind == "mixed":
         base = 2.2  # its variants reuse the run's statistics (seconds each): ahead of NNCF's accuracy control
     elif kind in RESTORING_KINDS:
@@ -127,6 +168,8 @@ def family(recipe: Recipe) -> tuple[str, str, str]:
     kind = str(o.get("kind", "float"))
     if kind in ("static", "quantize", *RESTORING_KINDS):
         arithmetic = "int8"
+    elif kind == "hybrid":
+        arithmetic = "int8+dynamic"  # its recurrent layers too: faster than static INT8 when it holds quality
     elif kind in ("float", "fp16", "weights"):
         arithmetic = "float"
     else:
@@ -147,6 +190,17 @@ LOW_PRIOR = 1.0
 _NOT_PRUNED_BY_PRIOR = ("qat",)
 
 
+def reach(recipe: Recipe) -> float:
+    """How far above its family's measured speed a recipe may still land: a float-restoring search is its family's
+    full INT8 with layers taken back to float, so never faster; another calibration or preset, within the spread."""
+    return 1.0 if recipe.options.get("kind") in RESTORING_KINDS else FAMILY_SPREAD
+
+
+def _measured(sibling: Recipe, reachable: float, recipe: Recipe) -> str:
+    never = " (a float-restoring search is never faster)" if reach(recipe) == 1 else ""
+    return f"measured at most {reachable / reach(recipe):.2f}x{never}"
+
+
 def cannot_beat(
     recipe: Recipe,
     timed: Sequence[tuple[Recipe, float]],
@@ -154,19 +208,20 @@ def cannot_beat(
     *,
     passed: Sequence[Recipe] = (),
     prior_score: float | None = None,
+    floor: float | None = None,
 ) -> str | None:
-    """Why ``recipe`` cannot be expected to beat the best so far, or None.
+    """Why ``recipe`` cannot be expected to beat the best so far, or pass the gate's speed threshold at all, or None.
 
     ``timed``: (recipe, upper end of its speedup CI against the reference runtime) of every candidate timed so far;
-    ``passed``: the recipes that passed the gate so far. A recipe is not tried when a member of its family already
-    passed (another calibration of the same arithmetic runs no faster, and quality is already enough), when its
-    family was measured too slow to beat the best, or, once anything passed, when its prior is low.
+    ``passed``: the recipes that passed the gate so far; ``floor``: the gate's speedup threshold against the
+    reference runtime (None when the gate reads another speedup). A recipe is not tried when a member of its family
+    already passed (another calibration of the same arithmetic runs no faster, and quality is already enough), when
+    its family was measured too slow to beat the best or to reach the floor, or, once anything passed, when its
+    prior is low.
     """
-    if best is None:
-        return None
     mine = family(recipe)
     twin = next((r for r in passed if family(r) == mine and r.name != recipe.name), None)
-    if twin is not None:
+    if best is not None and twin is not None:
         return (
             f"not tried: {twin.name}, of the same family ({', '.join(mine)}), already passed; another calibration or "
             "float-restoring search of the same arithmetic runs no faster"
@@ -174,14 +229,20 @@ def cannot_beat(
     siblings = [(r, high) for r, high in timed if family(r) == mine]
     if siblings:
         sibling, high = max(siblings, key=lambda t: t[1])
-        if high * FAMILY_SPREAD < best:
+        high *= reach(recipe)
+        if best is not None and high < best:
             return (
                 f"not tried: it could not beat the best so far ({best:.2f}x against ONNX Runtime FP32): "
-                f"{sibling.name}, of the same family ({', '.join(mine)}), measured at most {high:.2f}x"
+                f"{sibling.name}, of the same family ({', '.join(mine)}), {_measured(sibling, high, recipe)}"
+            )
+        if floor is not None and high < floor:
+            return (
+                f"not tried: it could not pass the gate's {floor:.2f}x against ONNX Runtime FP32: {sibling.name}, of "
+                f"the same family ({', '.join(mine)}), {_measured(sibling, high, recipe)}"
             )
         return None
     kind = str(recipe.options.get("kind", ""))
-    if prior_score is not None and prior_score < LOW_PRIOR and kind not in _NOT_PRUNED_BY_PRIOR:
+    if best is not None and prior_score is not None and prior_score < LOW_PRIOR and kind not in _NOT_PRUNED_BY_PRIOR:
         return (
             f"not tried: rarely the fastest on this kind of model (prior {prior_score:.1f}), and a candidate already "
             f"passed at {best:.2f}x against ONNX Runtime FP32; search.exhaustive: true measures it anyway"
@@ -201,6 +262,11 @@ class Planned:
 Family = tuple[str, str, str]
 
 
+# A plain INT8 recipe scores at least this much before anything is measured: the recipes that show what a family
+# runs at (dynamic INT8 on a CNN, weight-only INT8 score below it).
+EXPLORE_PRIOR = 2.0
+
+
 def next_index(
     pending: Sequence[Planned],
     *,
@@ -208,30 +274,43 @@ def next_index(
     quality_passed: int,
     failed_families: Mapping[Family, float] | None = None,
     best: float | None = None,
+    attempted: Set[Family] = frozenset(),
+    floor: float | None = None,
 ) -> int:
     """The position in ``pending`` of the recipe to try next.
 
     ``failed_families``: families whose full INT8 failed on quality, with the upper end of the speed measured for
     them (against the reference runtime). In such a family the float-restoring search is what targets the gate's
-    threshold, so it moves to the front while the family could still beat ``best``; another calibration of it
-    rarely closes the gap the first one missed (on CRAFT every NNCF preset and calibration stayed at cosine 0.94
-    against a 0.99 gate), so it moves back. With no family measured yet, the old rule: once INT8 failed and nothing
-    passed, the restoring searches go first.
+    threshold, so it moves to the front while the family could still beat ``best`` (and reach ``floor``, the gate's
+    own speed threshold), the fastest family's first; another calibration of it rarely closes the gap the first one
+    missed (on CRAFT every NNCF preset and calibration stayed at cosine 0.94 against a 0.99 gate), so it moves back.
+
+    A restoring search costs tens of seconds to minutes, so before the first one runs, every INT8 family not yet
+    ``attempted`` has its plain INT8 built once: that is cheap, and its speed says which family's restoring search
+    is worth the budget (on the real CRAFT detector without AVX512: ONNX Runtime's INT8 1.74x, OpenVINO's 1.96x; the
+    ONNX Runtime search alone had spent the whole budget). With no family measured yet, the old rule: once INT8 failed
+    and nothing passed, the restoring searches go first.
     """
     failed = failed_families or {}
+    bar = max(best or 0.0, floor or 0.0) or None
+    fastest = max(failed.values(), default=0.0)
+    exploring = bool(quality_failed) and not quality_passed
 
     def value(p: Planned) -> tuple[float, int]:
         score = p.score
         restoring = p.recipe.options.get("kind") in RESTORING_KINDS
         fam = family(p.recipe)
         if fam in failed:
-            promising = best is None or failed[fam] * FAMILY_SPREAD >= best
+            promising = bar is None or failed[fam] * reach(p.recipe) >= bar
             if restoring and promising:
-                score += 3.0
+                score += 3.0 + (2.0 * failed[fam] / fastest if fastest > 0 else 0.0)
             elif not restoring:
                 score -= 1.0
         elif restoring and quality_failed and not quality_passed:
             score += 2.0
+        unexplored = fam[1].startswith("int8") and fam not in attempted and p.score >= EXPLORE_PRIOR
+        if exploring and unexplored and not restoring:
+            score += 10.0
         return (score, -p.index)
 
     return max(range(len(pending)), key=lambda i: value(pending[i]))

@@ -63,6 +63,20 @@ def test_accuracy_control_tunes_on_calibration_data_unless_top1_needs_labels_it_
     assert pipeline.accuracy_control_data(apart, "accuracy") == (labelled, "")
 
 
+def test_with_both_quality_thresholds_the_float_restoring_searches_hold_fidelity(
+    calib_npz: Path, eval_npz: Path
+) -> None:
+    from quantgate.policy import parse_policy
+
+    data = pipeline.DataSets(NpzDataset.open(calib_npz), NpzDataset.open(eval_npz), "c", "e")
+    both = parse_policy({"gate": {"max_accuracy_drop": 0.01, "min_fidelity": 0.99}})
+    control = pipeline.tuning_for(data, both)
+    assert control is not None and control.metric == "fidelity" and abs(control.max_drop - 0.01) < 1e-12
+    assert control.validation is data.calibration and control.caveat == ""  # never the samples the gate scores
+    top1 = pipeline.tuning_for(data, parse_policy({"gate": {"max_accuracy_drop": 0.02}}))
+    assert top1 is not None and top1.metric == "accuracy" and top1.max_drop == 0.02
+
+
 def test_latency_figures_name_the_block_length_and_carry_cold_start_and_runner_overhead(
     digits_onnx: Path, calib_npz: Path, eval_npz: Path, tmp_path: Path
 ) -> None:

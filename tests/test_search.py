@@ -307,3 +307,85 @@ def test_a_family_that_already_passed_is_not_built_again_and_low_priors_wait_for
     assert cannot_beat(dynamic, [], None, prior_score=low) is None  # nothing passed yet: worth a try
     qat = make("int8-qat", kind="qat")
     assert cannot_beat(qat, [], 3.7, passed=[winner], prior_score=prior(qat, transformer=False)) is None
+
+
+def test_before_a_restoring_search_every_int8_family_is_measured_once_and_the_fastest_family_searches_first() -> None:
+    """On the real CRAFT detector without AVX512: ONNX Runtime's full INT8 failed fidelity (1.74x), and its restoring
+    search then spent the whole budget before OpenVINO's INT8 (1.96x, cheaper to search) was ever built."""
+
+    def make(backend: str, name: str, kind: str) -> Recipe:
+        return Recipe.make(backend, name, "int8", kind=kind)
+
+    ort_mixed = make("onnxruntime", "int8-static-mixed", "mixed")
+    ov_plain = make("openvino", "int8-ptq-performance", "quantize")
+    ov_mixed = make("openvino", "int8-mixed", "mixed")
+    pending = [Planned(i, r, prior(r, transformer=False)) for i, r in enumerate([ort_mixed, ov_plain, ov_mixed])]
+    ort_family, ov_family = ("onnxruntime", "int8", "f32"), ("openvino", "int8", "f32")
+
+    def pick(failed: dict[tuple[str, str, str], float], attempted: set[tuple[str, str, str]]) -> str:
+        i = next_index(pending, quality_failed=len(failed), quality_passed=0, failed_families=failed,
+                       attempted=attempted, floor=1.1)  # fmt: skip
+        return pending[i].recipe.name
+
+    assert pick({ort_family: 1.78}, {ort_family}) == "int8-ptq-performance"  # OpenVINO's INT8 is not measured yet
+    both = {ort_family: 1.78, ov_family: 2.05}
+    assert pick(both, {ort_family, ov_family}) == "int8-mixed"  # the faster family's search first
+    assert pick({ort_family: 2.3, ov_family: 2.05}, {ort_family, ov_family}) == "int8-static-mixed"
+    # A family measured below the gate's own speed threshold cannot pass: its search is not pulled forward.
+    assert pick({ort_family: 0.9}, {ort_family}) == "int8-ptq-performance"
+    assert pick({ort_family: 0.9}, {ort_family, ov_family}) != "int8-static-mixed"
+
+
+def test_a_family_measured_below_the_gates_speed_threshold_is_not_tried_even_before_anything_passed() -> None:
+    measured = Recipe.make("onnxruntime", "int8-static-minmax", "int8", kind="static")
+    restoring = Recipe.make("onnxruntime", "int8-static-mixed", "int8", kind="mixed")
+    why = cannot_beat(restoring, [(measured, 0.9)], best=None, floor=1.1)
+    assert why is not None and why.startswith("not tried: it could not pass the gate's 1.10x against ONNX Runtime FP32")
+    assert "int8-static-minmax, of the same family (onnxruntime, int8, f32), measured at most 0.90x" in why
+    # Another calibration may land within the family's spread; restoring float layers never makes it faster.
+    other = Recipe.make("onnxruntime", "int8-static-entropy", "int8", kind="static")
+    assert cannot_beat(other, [(measured, 1.0)], best=None, floor=1.1) is None
+    never = cannot_beat(restoring, [(measured, 1.0)], best=None, floor=1.1)
+    assert never is not None and never.endswith("measured at most 1.00x (a float-restoring search is never faster)")
+    assert cannot_beat(restoring, [(measured, 0.9)], best=None, floor=None) is None  # the gate reads another speedup
+
+
+def test_static_int8_with_dynamic_lstm_goes_first_on_recurrent_models_only() -> None:
+    hybrid = Recipe.make("onnxruntime", "int8-hybrid", "int8", kind="hybrid")
+    static = Recipe.make("onnxruntime", STATIC, "int8", kind="static", calibration="minmax", per_channel=True)
+    assert prior(hybrid, transformer=False, recurrent=True) > prior(static, transformer=False, recurrent=True)
+    assert prior(hybrid, transformer=False) < 1.0  # without recurrent layers it is plain static INT8
+    from quantgate.search import family
+
+    assert family(hybrid) != family(static)  # faster than static INT8 where it holds: not pruned as its twin
+
+
+def test_the_default_budget_grows_with_the_model_and_an_explicit_one_is_kept(calib_npz: Path, eval_npz: Path) -> None:
+    from quantgate.search import budget_seconds
+
+    assert budget_seconds("auto", 5_000_000) == 180.0  # up to 25 MB: three minutes
+    assert budget_seconds("auto", 83_000_000) == pytest.approx(597.6)  # the real CRAFT detector
+    assert budget_seconds("auto", 10**10) == 1800.0
+    assert budget_seconds(60.0, 83_000_000) == 60.0
+    auto = _policy(calib_npz, eval_npz, search={"time_budget_s": "auto"})
+    assert pipeline.SearchState.for_policy(auto, 1, model_bytes=50_000_000).budget.seconds == 360.0
+    with pytest.raises(Exception, match=r"search.time_budget_s: .*must be 'auto' or a number of seconds"):
+        _policy(calib_npz, eval_npz, search={"time_budget_s": "soon"})
+
+
+def test_another_runtimes_fp32_is_the_floor_where_the_host_has_no_bf16() -> None:
+    """On an AVX2 host the BF16 recipes fail at once; OpenVINO's FP32 IR (fp16-ir: FP16 storage, FP32 compute) is
+    then the cheap floor, ahead of any INT8 build, while ONNX Runtime's FP16 compute stays last."""
+
+    def make(backend: str, name: str, **settings: object) -> Recipe:
+        return Recipe.make(backend, name, "int8", **settings)  # type: ignore[arg-type]
+
+    bf16 = make("openvino", "bf16", kind="float", inference_precision="bf16")
+    fp16_ir = make("openvino", "fp16-ir", kind="fp16", inference_precision="f32")
+    int8 = make("openvino", "int8-ptq-performance-bf16", kind="quantize", inference_precision="bf16")
+    ort_fp16 = make("onnxruntime", "fp16", kind="fp16", keep_io_types=True)
+    score = {r.name: prior(r, transformer=False) for r in (bf16, fp16_ir, int8, ort_fp16)}
+    assert score["bf16"] > score["fp16-ir"] > score["int8-ptq-performance-bf16"] > score["fp16"]
+    # Once BF16 passed, the FP32 baseline timed beside it (its family) prunes fp16-ir without a build.
+    fp32 = Recipe.make("openvino", "fp32", "fp32")
+    assert cannot_beat(fp16_ir, [(fp32, 2.1)], best=3.9, passed=[bf16]) is not None

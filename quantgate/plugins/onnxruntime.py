@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 NAME = "onnxruntime"
 SERVING_LIBRARIES = ("mlflow", "onnx", "onnxruntime", "numpy")
 MIXED = "int8-static-mixed"
+HYBRID = "int8-hybrid"
+# Ops static QDQ leaves in float that ONNX Runtime can still run in INT8 with dynamic activation scales: a recurrent
+# layer's state has no range a calibration set can fix, and quantize_static does not quantize it at all.
+HYBRID_DYNAMIC_OPS = ("LSTM",)
 QAT = "int8-qat"
 # What QAT candidates are quantized with after fine-tuning: the static recipe whose scheme the fake quantizers mimic.
 QAT_FINISH = "int8-static-qdq-minmax-perchannel"
@@ -90,9 +94,17 @@ def _mixed_recipe() -> Recipe:
     )  # fmt: skip
 
 
+def _hybrid_recipe() -> Recipe:
+    return Recipe.make(
+        NAME, HYBRID, "int8", kind="hybrid", format="qdq", calibration="minmax", per_channel=True,
+        activation_type="uint8", weight_type="int8", dynamic_op_types=",".join(HYBRID_DYNAMIC_OPS),
+    )  # fmt: skip
+
+
 RECIPES: tuple[Recipe, ...] = (
     *_static_recipes(),
     _mixed_recipe(),
+    _hybrid_recipe(),
     _dynamic_recipe("int8-dynamic", per_channel=False),
     _dynamic_recipe("int8-dynamic-perchannel", per_channel=True),
     Recipe.make(NAME, "fp16", "fp16", kind="fp16", keep_io_types=True),
@@ -224,9 +236,13 @@ class OnnxRuntimeBackend:
         if opts["kind"] == "fp16":
             self._fp16(src, out)
             return ()
+        if opts["kind"] == "hybrid":
+            _hybrid_ops(src, opts)  # before any calibration: a graph without them fails in a moment
         prepared, notes = preprocess(src, shared)
         if opts["kind"] == "static":
             return (*notes, *self._static(prepared, out, opts, calib))
+        if opts["kind"] == "hybrid":
+            return (*notes, *self._hybrid(prepared, out, opts, calib))
         if opts["kind"] == "mixed":
             assert self._control is not None  # compress() checked
             return (*notes, *_mixed(prepared, out, opts, calib, self._control))
@@ -280,6 +296,30 @@ class OnnxRuntimeBackend:
             f"({_names(kept_float)})",
         )
 
+    def _hybrid(self, src: Path, out: Path, opts: dict[str, SettingValue], calib: Calibration) -> tuple[str, ...]:
+        """Static QDQ INT8 where calibrated ranges fit, then dynamic INT8 on the recurrent layers it left in float.
+
+        Measured on a real CRNN text recogniser (7 convolutions, 2 bidirectional LSTMs; AVX2, 1 thread): static
+        INT8 alone 1.45x ONNX Runtime FP32 (the LSTMs, 30% of FP32's time, stay float), with the LSTMs in dynamic
+        INT8 as well 2.05x, at the same fidelity (cosine 0.9935 and 0.9934). NNCF's static INT8 of the same LSTMs
+        scores a cosine of -0.17.
+        """
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        ops = _hybrid_ops(src, opts)
+        static = out.with_name(f"{out.stem}.static.onnx")
+        notes = self._static(src, static, opts, calib)
+        try:
+            quantize_dynamic(str(static), str(out), op_types_to_quantize=ops, per_channel=False,
+                             weight_type=QuantType.QInt8)  # fmt: skip
+        finally:
+            static.unlink(missing_ok=True)
+        return (
+            *notes,
+            f"static INT8 (QDQ, MinMax, per-channel weights) where calibrated, then dynamic INT8 on {', '.join(ops)} "
+            "(activation scales computed per call: a recurrent state has no fixed range to calibrate)",
+        )
+
     def _dynamic(self, src: Path, out: Path, opts: dict[str, SettingValue]) -> tuple[str, ...]:
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.quantization.registry import IntegerOpsRegistry
@@ -326,6 +366,19 @@ class OnnxRuntimeBackend:
         model = onnx.load(str(src))
         converted = convert_float_to_float16(model, keep_io_types=True)
         onnx.save(converted, str(out))
+
+
+def _hybrid_ops(src: Path, opts: Mapping[str, SettingValue]) -> list[str]:
+    """The recurrent op types of ``src`` that ``int8-hybrid`` quantizes dynamically; none is this recipe's failure."""
+    wanted = [t.strip() for t in str(opts.get("dynamic_op_types") or "").split(",") if t.strip()]
+    present = _op_types(src)
+    ops = [t for t in wanted if t in present]
+    if not ops:
+        raise BackendError(
+            f"nothing for dynamic INT8: the model has no {', '.join(wanted)} op (this recipe is static INT8 plus "
+            "dynamic INT8 of recurrent layers; without them it is int8-static-qdq-minmax-perchannel)"
+        )
+    return ops
 
 
 def _calibration_memo(src: Path, calib: Calibration, method: str, percentile: SettingValue) -> Path:

@@ -177,13 +177,25 @@ def measure_interleaved(
     return base.block_ms, cand.block_ms
 
 
+def paired_speedup(base: np.ndarray, cand: np.ndarray) -> float:
+    """The median over paired blocks of base/cand: each pair was timed within tens of milliseconds of each other.
+
+    A shared host slows everything for seconds at a time (other tenants on the same cores). Pairing cancels those
+    phases: measured on the real MTCNN nets under load, 8 repeats of 40 blocks, the spread of this estimate was half
+    that of median(base)/median(cand) (coefficient of variation 0.078 against 0.178 on O-Net, 0.040 against 0.067 on
+    R-Net), since the two medians may come from different phases.
+    """
+    return float(np.median(base / cand))
+
+
 def speedup_ci(base: np.ndarray, cand: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Percentile-bootstrap interval of median(base)/median(cand), resampling paired blocks."""
+    """Percentile-bootstrap interval of ``paired_speedup``, resampling paired blocks."""
     rng = np.random.default_rng(_SEED)
-    idx = rng.integers(0, len(base), size=(_BOOTSTRAP, len(base)))
-    ratios = np.median(base[idx], axis=1) / np.median(cand[idx], axis=1)
+    ratios = base / cand
+    idx = rng.integers(0, len(ratios), size=(_BOOTSTRAP, len(ratios)))
+    estimates = np.median(ratios[idx], axis=1)
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(ratios, [tail, 100 - tail])
+    low, high = np.percentile(estimates, [tail, 100 - tail])
     return float(low), float(high)
 
 
@@ -212,7 +224,7 @@ def decided(times: list[BlockTimes], target: LatencyTarget) -> bool:
         ref = times[target.ref].block_ms
         low, high = speedup_ci(ref, cand)
         if low <= target.beat <= high:
-            return (high - low) < RESOLUTION * float(np.median(ref) / np.median(cand))
+            return (high - low) < RESOLUTION * paired_speedup(ref, cand)
     return True
 
 
@@ -243,7 +255,7 @@ def probe_speed(reference: Runner, candidate: Runner, inputs: Mapping[str, np.nd
     timed = measure_blocked(runners, inputs, warmup=min(cfg.warmup, 5), rounds=PROBE_BLOCKS, block_calls=block)
     ref, cand = timed[0].block_ms, timed[1].block_ms
     low, high = speedup_ci(ref, cand)
-    return Probe(float(np.median(ref) / np.median(cand)), low, high, timed[0].blocks)
+    return Probe(paired_speedup(ref, cand), low, high, timed[0].blocks)
 
 
 # -- cold start and runner overhead ------------------------------------------------------------------------------
@@ -440,12 +452,12 @@ def _figures(timed: list[BlockTimes], on_reference: bool) -> dict[str, float]:
     base, cand = timed[0], timed[1]
     low, high = speedup_ci(base.block_ms, cand.block_ms)
     out = {
-        # p50: the median block (a block's mean warm call), so speedups are ratios of these; p95: of single calls.
+        # p50: the median block (a block's mean warm call); p95: of single calls; speedups: paired blocks.
         "baseline_latency_p50_ms": float(np.median(base.block_ms)),
         "baseline_latency_p95_ms": float(np.percentile(base.warm_ms, 95)),
         "latency_p50_ms": float(np.median(cand.block_ms)),
         "latency_p95_ms": float(np.percentile(cand.warm_ms, 95)),
-        "speedup": float(np.median(base.block_ms) / np.median(cand.block_ms)),
+        "speedup": paired_speedup(base.block_ms, cand.block_ms),
         "speedup_ci_low": low,
         "speedup_ci_high": high,
     }
@@ -455,9 +467,9 @@ def _figures(timed: list[BlockTimes], on_reference: bool) -> dict[str, float]:
     elif len(timed) == 3:
         ref = timed[2]
         out["ort_fp32_latency_p50_ms"] = float(np.median(ref.block_ms))
-        out["speedup_vs_ort_fp32"] = float(np.median(ref.block_ms) / np.median(cand.block_ms))
+        out["speedup_vs_ort_fp32"] = paired_speedup(ref.block_ms, cand.block_ms)
         out["speedup_vs_ort_fp32_ci_low"], out["speedup_vs_ort_fp32_ci_high"] = speedup_ci(ref.block_ms, cand.block_ms)
-        out["baseline_speedup_vs_ort_fp32"] = float(np.median(ref.block_ms) / np.median(base.block_ms))
+        out["baseline_speedup_vs_ort_fp32"] = paired_speedup(ref.block_ms, base.block_ms)
     return out
 
 

@@ -22,7 +22,7 @@ def test_builtin_backend_is_found_through_the_entry_point() -> None:
 
 def test_recipe_names_are_unique_and_hashes_stable_and_distinct() -> None:
     names = [r.name for r in RECIPES]
-    assert len(set(names)) == len(names) == 10
+    assert len(set(names)) == len(names) == 11
     assert len({r.digest for r in RECIPES}) == len(RECIPES)
     assert (
         RECIPES[0].digest == RECIPES[0].make(RECIPES[0].backend, RECIPES[0].name, "int8", **RECIPES[0].options).digest
@@ -294,3 +294,53 @@ def test_static_recipes_of_one_calibration_method_share_its_activation_ranges(
                 if n.op_type == "QuantizeLinear" and inits[n.input[1]].ndim == 0}  # fmt: skip
 
     assert activation_scales(per_tensor.artifact) == activation_scales(per_channel.artifact)
+
+
+# --- int8-hybrid ----------------------------------------------------------------------------------------------------
+
+HYBRID = next(r for r in RECIPES if r.name == "int8-hybrid")
+
+
+def test_hybrid_recipe_quantizes_convolutions_statically_and_the_lstm_dynamically(tmp_path: Path) -> None:
+    """Conv -> LSTM -> Linear, like a CRNN text recogniser: static QDQ leaves the LSTM float, the hybrid does not."""
+    import torch
+
+    from tests.conftest import export_onnx
+
+    class Crnn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+            self.lstm = torch.nn.LSTM(8 * 4, 32, batch_first=True, bidirectional=True)
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x: Any) -> Any:
+            f = torch.relu(self.conv(x))  # [n, 8, 4, 16]
+            seq = f.permute(0, 3, 1, 2).flatten(2)  # [n, 16, 32]
+            return self.fc(self.lstm(seq)[0])
+
+    torch.manual_seed(0)
+    path = export_onnx(Crnn().eval(), (1, 1, 4, 16), tmp_path / "crnn.onnx")
+    data = tmp_path / "x.npz"
+    np.savez(data, input=np.random.default_rng(0).standard_normal((32, 1, 4, 16)).astype(np.float32))
+    info, calib = read_model_info(path), Calibration(NpzDataset.open(data), 8, None)
+    assert info.is_recurrent
+    backend = OnnxRuntimeBackend()
+    cand = backend.compress(info, HYBRID, calib, tmp_path / "w")
+    ops = _op_types(cand.artifact)
+    assert "DynamicQuantizeLSTM" in ops and "LSTM" not in ops and "QuantizeLinear" in ops, ops
+    assert any("dynamic INT8 on LSTM" in n for n in cand.notes), cand.notes
+    x = calib.dataset.take(16).inputs
+    base = backend.runner(backend.baseline(info, tmp_path), threads=1).run(x)[0]
+    out = backend.runner(cand, threads=1).run(x)[0]
+    assert float(np.mean(cosine_per_row(base.reshape(16, -1), out.reshape(16, -1)))) > 0.98
+
+
+def test_hybrid_recipe_on_a_model_without_recurrent_layers_fails_before_calibrating(
+    conv_model: tuple[Any, Calibration], tmp_path: Path
+) -> None:
+    info, calib = conv_model
+    assert not info.is_recurrent
+    with pytest.raises(BackendError, match=r"int8-hybrid failed: nothing for dynamic INT8: the model has no LSTM op"):
+        OnnxRuntimeBackend().compress(info, HYBRID, calib, tmp_path / "w")
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").rglob("*.onnx"))
