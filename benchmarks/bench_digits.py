@@ -335,7 +335,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from quantgate.demo import digits_data
-    from quantgate.flows.runtime import local_server_status, stop_local_server
+    from quantgate.flows.prefect_server import local_server_status, stop_local_server
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="quantgate-bench-") as tmp_name:

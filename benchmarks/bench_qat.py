@@ -247,7 +247,7 @@ def main() -> None:
 
         mlflow.pytorch.save_model(model, str(model_dir), input_example=eval_split.x[:2])
         speed = side_by_side(doc, model_dir, calibration, eval_split, tracking_uri, root / "timing")
-        from quantgate.flows.runtime import stop_local_server
+        from quantgate.flows.prefect_server import stop_local_server
 
         stop_local_server(root / "qghome")
     lines = [

@@ -7,19 +7,22 @@ Exit codes: 0 a candidate passed and was registered; 1 ran, none passed, nothing
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from quantgate.console import ProgressHandler, history_table, print_summary
 from quantgate.errors import InputError, QuantgateError
 
 if TYPE_CHECKING:
@@ -50,27 +53,14 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
-class _ProgressHandler(logging.Handler):
-    """A live progress display on stderr (only on a terminal): the search's stage, candidate i of N and the budget
-    used from its progress events, and quantgate's other INFO messages as the line under it."""
-
-    def __init__(self, progress: Any) -> None:
-        super().__init__(logging.INFO)
-        self.progress = progress
-        self.task = progress.add_task("[bold]quantgate[/] starting", total=100, note="")
-
-    def emit(self, record: logging.LogRecord) -> None:
-        event = getattr(record, "quantgate_progress", None)
-        if event is not None:
-            self.progress.update(self.task, completed=event.fraction * 100, description=escape(event.describe()))
-        else:
-            self.progress.update(self.task, note=escape(record.getMessage()[:120]))
-
-
 def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
+    # Some warnings get past that filter (MLflow shows its UserWarnings "once" whatever the filters say, e.g. for a
+    # plugin's pyfunc model without type hints, at import): they go to logging, quiet, not to the stderr we own.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.CRITICAL)
     for name in ("mlflow", "alembic", "prefect", "urllib3", "httpx", "onnxruntime", "root", "torch", "nncf"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -111,6 +101,37 @@ def _mlflow_error(exc: BaseException) -> str:
     return f"MLflow: {lines[0] if lines else type(exc).__name__}"
 
 
+def _is_mlflow_error(exc: BaseException) -> bool:
+    # Not imported to check: a command that never imported MLflow cannot have raised its exception.
+    module = sys.modules.get("mlflow.exceptions")
+    return module is not None and isinstance(exc, module.MlflowException)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def exit_codes(command: Callable[P, R]) -> Callable[P, R]:
+    """Every command's errors as the documented exit codes, with one line on stderr (README, "Exit codes"):
+    bad input or configuration 2; quantgate's other errors and MLflow's 3. Anything else is a bug: ``main``
+    prints its traceback."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except InputError as exc:
+            raise _fail(str(exc), EXIT_BAD_INPUT) from None
+        except QuantgateError as exc:
+            raise _fail(str(exc), EXIT_INTERNAL) from None
+        except Exception as exc:
+            if _is_mlflow_error(exc):
+                raise _fail(_mlflow_error(exc), EXIT_INTERNAL) from None
+            raise
+
+    return run
+
+
 def _use_tracking_uri(uri: str, *, create: bool = False) -> str:
     """Check the URI before anything touches it, and keep it (with its credentials) in this process's environment
     only; what flow-run parameters and outputs carry is the masked form."""
@@ -119,40 +140,6 @@ def _use_tracking_uri(uri: str, *, create: bool = False) -> str:
     registry.check_tracking_uri(uri, create=create)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     return registry.flow_tracking_uri(uri)
-
-
-class _PrefectStart:
-    """Finds or starts the Prefect API in a background thread, so a cold local server (about 7 s here)
-    starts while this process imports MLflow and ONNX Runtime instead of after."""
-
-    def __init__(self, mode: str) -> None:
-        import threading
-
-        from quantgate.flows.runtime import configure_prefect_env
-
-        # The CLI reports every failure itself in one line (README: exit codes); Prefect's console copy of
-        # a failed task, with its traceback, would only repeat it. The API handler still records it all.
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-        configure_prefect_env()
-        self._error: BaseException | None = None
-        # A daemon thread: a command that fails on bad input exits at once; a server it started keeps
-        # starting in its own session and is reused by the next command.
-        self._thread = threading.Thread(target=self._run, args=(mode,), daemon=True)
-        self._thread.start()
-
-    def _run(self, mode: str) -> None:
-        from quantgate.flows.runtime import prefect_api_for_cli
-
-        try:
-            prefect_api_for_cli(mode)
-        except BaseException as exc:  # re-raised in wait(), on the main thread
-            self._error = exc
-
-    def wait(self) -> None:
-        """Block until PREFECT_API_URL is settled; must happen before prefect is imported."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
 
 
 def _run_flow(model_uri: str, policy: dict[str, Any], tracking_uri: str, show_progress: bool) -> dict[str, Any]:
@@ -170,7 +157,7 @@ def _run_flow(model_uri: str, policy: dict[str, Any], tracking_uri: str, show_pr
 
         columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
         with Progress(*columns, TextColumn("[dim]{task.fields[note]}"), console=err, transient=True) as progress:
-            handler = _ProgressHandler(progress)
+            handler = ProgressHandler(progress)
             qlog.addHandler(handler)
             try:
                 return compress_model(model_uri, policy, tracking_uri)
@@ -178,49 +165,8 @@ def _run_flow(model_uri: str, policy: dict[str, Any], tracking_uri: str, show_pr
                 qlog.removeHandler(handler)
 
 
-def gate_table(doc: dict[str, Any]) -> Table:
-    table = Table(title=f"quantgate: {doc['source']['uri']} ({doc['flavor']})", title_justify="left")
-    # Each speedup is against FP32 on the candidate's own runtime; with several runtimes, the common yardstick too.
-    cross = len({c["backend"] for c in doc["candidates"]}) > 1
-    columns = ["backend", "recipe", "gate", "speedup", "95% CI", *(["vs ORT FP32"] if cross else [])]
-    for col in (*columns, "p50 ms", "size", "acc. drop", "fidelity"):
-        table.add_column(col, justify="right" if col not in ("backend", "recipe", "gate") else "left")
-    for c in doc["candidates"]:
-        m = c["all_metrics"]
-        verdict = "[green]PROMOTED[/]" if c["promoted"] else ("[green]pass[/]" if c["passed"] else "[red]fail[/]")
-        if c.get("status") == "skipped":
-            verdict = "[yellow]skipped[/]"
-        vs_ort = [f"{m['speedup_vs_ort_fp32']:.2f}x" if "speedup_vs_ort_fp32" in m else "-"] if cross else []
-        table.add_row(
-            c["backend"], escape(c["recipe"]), verdict,
-            f"{m['speedup']:.2f}x" if "speedup" in m else "-",
-            f"{m['speedup_ci_low']:.2f}-{m['speedup_ci_high']:.2f}" if "speedup_ci_low" in m else "-",
-            *vs_ort,
-            f"{m['latency_p50_ms']:.3f}" if "latency_p50_ms" in m else "-",
-            f"{m['size_ratio']:.2f}" if "size_ratio" in m else "-",
-            f"{m['accuracy_drop'] * 100:+.2f} pt" if "accuracy_drop" in m else "-",
-            f"{m['fidelity']:.4f}" if "fidelity" in m else "-",
-        )  # fmt: skip
-    return table
-
-
-def print_summary(doc: dict[str, Any]) -> None:
-    out.print(gate_table(doc))
-    for c in doc["candidates"]:
-        if not c["passed"]:
-            mark = "[yellow]-[/]" if c.get("status") == "skipped" else "[red]x[/]"
-            out.print(f"  {mark} {escape(c['backend'] + '/' + c['recipe'])}: " + escape("; ".join(c["reasons"])))
-    for note in doc.get("host_notes", []):
-        out.print(f"  [yellow]![/] {escape(note)}")
-    if doc["promoted_uri"]:
-        out.print(f"[green]promoted[/] {doc['promoted_uri']}")
-    else:
-        out.print("[red]no candidate passed the gate[/]: nothing was registered")
-    hw = doc["hardware"]
-    out.print(f"hardware: {hw['cpu_model']} ({hw['logical_cores']} cores; {', '.join(hw['isa_flags'])})")
-
-
 @app.command()
+@exit_codes
 def compress(
     model_uri: Annotated[str, typer.Argument(help="models:/NAME/VERSION or models:/NAME@ALIAS")],
     policy: Annotated[Path | None, typer.Option("--policy", "-p", help="policy YAML (defaults: README)")] = None,
@@ -231,37 +177,32 @@ def compress(
     prefect: Annotated[str, typer.Option(help="local (reused local server) or ephemeral")] = "local",
 ) -> None:
     """Compress one registered model version, gate every candidate, register what passes."""
-    from mlflow.exceptions import MlflowException
-
-    from quantgate import registry
+    from quantgate import gate, registry
+    from quantgate.flows.prefect_server import PrefectStart
     from quantgate.policy import load_policy
+    from quantgate.validators.base import load_validators
 
     _quiet_libraries()
-    try:
-        pol = load_policy(policy)
-        registry.parse_model_uri(model_uri)
-        uri = tracking_uri or registry.default_tracking_uri()
-        shown = _use_tracking_uri(uri)
-        starting = _PrefectStart(prefect)
-        registry.check_reachable(uri)
-        _preload_backends(pol.backends)
-        starting.wait()
-        doc = _run_flow(model_uri, pol.model_dump(mode="json"), shown, err.is_terminal and not as_json)
-    except InputError as exc:
-        raise _fail(str(exc), EXIT_BAD_INPUT) from None
-    except QuantgateError as exc:
-        raise _fail(str(exc), EXIT_INTERNAL) from None
-    except MlflowException as exc:
-        raise _fail(_mlflow_error(exc), EXIT_INTERNAL) from None
+    pol = load_policy(policy)
+    registry.parse_model_uri(model_uri)
+    uri = tracking_uri or registry.default_tracking_uri()
+    shown = _use_tracking_uri(uri)
+    starting = PrefectStart(prefect)
+    gate.configure(pol.gate, load_validators())  # gate.checks against what is installed (the flow checks it too)
+    registry.check_reachable(uri)
+    _preload_backends(pol.backends)
+    starting.wait()
+    doc = _run_flow(model_uri, pol.model_dump(mode="json"), shown, err.is_terminal and not as_json)
     doc["timings_s"]["process_start_to_flow_s"] = doc["timings_s"]["flow_started_at"] - _process_start()
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     else:
-        print_summary(doc)
+        print_summary(out, doc)
     raise typer.Exit(EXIT_OK if doc["promoted_uri"] else EXIT_GATE_FAILED)
 
 
 @app.command()
+@exit_codes
 def report(
     model_uri: Annotated[str, typer.Argument(help="models:/NAME/VERSION or @ALIAS: a source or a compressed version")],
     tracking_uri: Annotated[
@@ -275,25 +216,23 @@ def report(
     from quantgate import report as reports
 
     _quiet_libraries()
-    try:
-        ref = registry.parse_model_uri(model_uri)
-        uri = tracking_uri or registry.default_tracking_uri()
-        _use_tracking_uri(uri)
-        client = registry.connect(uri)
-        version = registry.resolve(client, ref)
-        run_id = review.result_run_id(client, version)
-        doc = review.load_result(client, run_id)
-        gate = _logged_gate(client, run_id)
-        if html is not None:
+    ref = registry.parse_model_uri(model_uri)
+    uri = tracking_uri or registry.default_tracking_uri()
+    _use_tracking_uri(uri)
+    client = registry.connect(uri)
+    version = registry.resolve(client, ref)
+    run_id = review.result_run_id(client, version)
+    doc = review.load_result(client, run_id)
+    gate = _logged_gate(client, run_id)
+    if html is not None:
+        try:
             html.write_text(reports.html_report(doc, gate))
-    except InputError as exc:
-        raise _fail(str(exc), EXIT_BAD_INPUT) from None
-    except OSError as exc:
-        raise _fail(f"cannot write {html}: {exc.strerror}", EXIT_BAD_INPUT) from None
+        except OSError as exc:
+            raise InputError(f"cannot write {html}: {exc.strerror}") from None
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         return
-    print_summary(doc)
+    print_summary(out, doc)
     out.print(f"run {run_id} in experiment '{doc.get('experiment', '?')}', policy {doc.get('policy_hash', '?')}")
     if html is not None:
         out.print(f"HTML report written to {escape(str(html))}")
@@ -301,16 +240,17 @@ def report(
 
 def _logged_gate(client: Any, run_id: str) -> dict[str, Any] | None:
     """The gate thresholds of the policy that run used (for threshold lines in the plots), if logged."""
-    from quantgate import review
+    from quantgate import names, review
 
     with contextlib.suppress(InputError):
-        policy = review.load_artifact_json(client, run_id, "policy.json")
+        policy = review.load_artifact_json(client, run_id, names.POLICY)
         gate = policy.get("gate")
         return gate if isinstance(gate, dict) else None
     return None
 
 
 @app.command()
+@exit_codes
 def history(
     name: Annotated[str, typer.Argument(help="a registered model name")],
     tracking_uri: Annotated[
@@ -322,30 +262,17 @@ def history(
     from quantgate import registry, review
 
     _quiet_libraries()
-    try:
-        uri = tracking_uri or registry.default_tracking_uri()
-        _use_tracking_uri(uri)
-        client = registry.connect(uri)
-        attempts = review.history(client, name)
-    except InputError as exc:
-        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    uri = tracking_uri or registry.default_tracking_uri()
+    _use_tracking_uri(uri)
+    client = registry.connect(uri)
+    attempts = review.history(client, name)
     if as_json:
         sys.stdout.write(json.dumps([a.as_dict() for a in attempts], indent=2) + "\n")
         return
     if not attempts:
         out.print(f"no compression attempts recorded for '{escape(name)}'")
         return
-    table = Table(title=f"quantgate history: {escape(name)}", title_justify="left")
-    for col in ("started (UTC)", "version", "outcome", "passed", "promoted", "policy", "run"):
-        table.add_column(col)
-    for a in attempts:
-        outcome = a.outcome or a.status.lower()
-        style = "green" if outcome == "promoted" else ("red" if a.status == "FAILED" else "yellow")
-        table.add_row(
-            a.started.strftime("%Y-%m-%d %H:%M:%S"), a.version, f"[{style}]{escape(outcome)}[/]",
-            f"{a.passed}/{a.candidates}", escape(a.promoted_uri or "-"), a.policy_hash, a.run_id,
-        )  # fmt: skip
-    out.print(table)
+    out.print(history_table(name, attempts))
 
 
 def _preload_backends(names: tuple[str, ...]) -> None:
@@ -367,6 +294,7 @@ def _process_start() -> float:
 
 
 @app.command()
+@exit_codes
 def demo(
     tracking_uri: Annotated[
         str | None, typer.Option(help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
@@ -380,25 +308,21 @@ def demo(
     """Train a small CNN on scikit-learn's digits, register it, compress it, show the gate table."""
     from quantgate import registry
     from quantgate.demo import register_demo_model
+    from quantgate.flows.prefect_server import PrefectStart
 
     _quiet_libraries()
     uri = tracking_uri or registry.default_tracking_uri()
-    try:
-        shown = _use_tracking_uri(uri, create=True)
-        registry.connect(uri)
-        with err.status("[bold]quantgate[/] training the digits CNN", spinner="dots"):
-            model_uri = register_demo_model(uri, workdir.resolve())
-        if register_only:
-            out.print(f"registered {model_uri} with its data tags")
-            return
-        err.print(f"registered {model_uri}; compressing it")
-        _PrefectStart(prefect).wait()
-        doc = _run_flow(model_uri, {}, shown, err.is_terminal)
-    except InputError as exc:
-        raise _fail(str(exc), EXIT_BAD_INPUT) from None
-    except QuantgateError as exc:
-        raise _fail(str(exc), EXIT_INTERNAL) from None
-    print_summary(doc)
+    shown = _use_tracking_uri(uri, create=True)
+    registry.connect(uri)
+    with err.status("[bold]quantgate[/] training the digits CNN", spinner="dots"):
+        model_uri = register_demo_model(uri, workdir.resolve())
+    if register_only:
+        out.print(f"registered {model_uri} with its data tags")
+        return
+    err.print(f"registered {model_uri}; compressing it")
+    PrefectStart(prefect).wait()
+    doc = _run_flow(model_uri, {}, shown, err.is_terminal)
+    print_summary(out, doc)
     out.print(f"\nOpen the results: mlflow ui --backend-store-uri {shown} --port 5000  ->  http://127.0.0.1:5000")
     out.print(
         f"  experiment '{doc['experiment']}', run {doc['parent_run_id']}; models: {model_uri}"
@@ -408,6 +332,7 @@ def demo(
 
 
 @app.command()
+@exit_codes
 def backends() -> None:
     """List every installed backend, whether it is available on this host, and why not."""
     from quantgate.plugins.base import BACKENDS, ReferenceRuntime, reference_name
@@ -437,18 +362,22 @@ def backends() -> None:
 
 
 @app.command()
+@exit_codes
 def validators() -> None:
-    """List every installed validator, and why one that is installed cannot be used."""
-    from quantgate.validators.base import VALIDATORS
+    """List every installed validator, the gate checks it declares, and why one that is installed cannot be used."""
+    from quantgate.gate import policy_key
+    from quantgate.validators.base import VALIDATORS, check_declarations, declared_checks
 
     _quiet_libraries()
-    table = Table("validator", "entry point", "loaded", "why not")
+    table = Table("validator", "entry point", "loaded", "gate checks: the policy key that sets them", "why not")
     for plugin in VALIDATORS.installed():
         ok = plugin.error is None
-        table.add_row(
-            plugin.name, plugin.target, "[green]yes[/]" if ok else "[red]refused[/]", escape(plugin.error or "")
-        )
+        specs = declared_checks(VALIDATORS.load(plugin.name)) if ok else ()
+        checks = ", ".join(f"{s.name}: {policy_key(plugin.name, s.name)}" for s in specs)
+        loaded = "[green]yes[/]" if ok else "[red]refused[/]"
+        table.add_row(plugin.name, plugin.target, loaded, escape(checks), escape(plugin.error or ""))
     out.print(table)
+    check_declarations(VALIDATORS.loadable())  # two that declare the same name stop every run: say so here too
 
 
 def _automation(config: Path | None, tracking_uri: str | None) -> tuple[AutomationConfig, str]:
@@ -460,6 +389,7 @@ def _automation(config: Path | None, tracking_uri: str | None) -> tuple[Automati
 
 
 @app.command("serve-webhooks")
+@exit_codes
 def serve_webhooks(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8088,
@@ -475,27 +405,22 @@ def serve_webhooks(
     from quantgate.automation.bridge import make_app
 
     _quiet_libraries()
-    try:
-        cfg, uri = _automation(config, tracking_uri)
-        app_ = make_app(cfg, uri)
-    except InputError as exc:
-        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    cfg, uri = _automation(config, tracking_uri)
+    app_ = make_app(cfg, uri)
     logging.getLogger("quantgate").setLevel(logging.INFO)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 @app.command()
+@exit_codes
 def deploy(config: ConfigOption = None, tracking_uri: TrackingOption = None) -> None:
     """Create the work pool and the compress-model and nightly deployments on the Prefect server (PREFECT_API_URL)."""
-    from quantgate.automation.setup import deploy as apply_deployments
+    from quantgate.flows.deployments import deploy as apply_deployments
     from quantgate.redact import redact
 
     _quiet_libraries()
-    try:
-        cfg, uri = _automation(config, tracking_uri)
-        apply_deployments(cfg, uri)
-    except InputError as exc:
-        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    cfg, uri = _automation(config, tracking_uri)
+    apply_deployments(cfg, uri)
     out.print(
         f"work pool {cfg.pool.name} (concurrency {cfg.pool.concurrency_limit}); deployments"
         f" compress-model/compress-model and nightly/nightly ({escape(cfg.nightly.cron)} {cfg.nightly.timezone});"
@@ -504,22 +429,21 @@ def deploy(config: ConfigOption = None, tracking_uri: TrackingOption = None) -> 
 
 
 @app.command()
+@exit_codes
 def nightly(config: ConfigOption = None, tracking_uri: TrackingOption = None) -> None:
     """Run the nightly reconciliation now: a compress-model run for every selected version without a result."""
     from quantgate.flows.nightly import nightly as nightly_flow
 
     _quiet_libraries()
-    try:
-        cfg, uri = _automation(config, tracking_uri)
-        started = nightly_flow(cfg.inlined(), _use_tracking_uri(uri))
-    except InputError as exc:
-        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    cfg, uri = _automation(config, tracking_uri)
+    started = nightly_flow(cfg.inlined(), _use_tracking_uri(uri))
     for item in started:
         out.print(f"started {item['flow_run_id']}: {escape(item['detail'])}")
     out.print(f"{len(started)} run(s) started")
 
 
 @webhooks_app.command("register")
+@exit_codes
 def webhooks_register(
     url: Annotated[str, typer.Option(help="the bridge's endpoint, e.g. http://bridge:8088/webhooks/mlflow")],
     tracking_uri: TrackingOption = None,
@@ -532,29 +456,25 @@ def webhooks_register(
 
     _quiet_libraries()
     secret = os.environ.get("QUANTGATE_WEBHOOK_SECRET", "")
+    uri = tracking_uri or registry.default_tracking_uri()
+    _use_tracking_uri(uri)
+    client = registry.connect(uri)
     try:
-        uri = tracking_uri or registry.default_tracking_uri()
-        _use_tracking_uri(uri)
-        client = registry.connect(uri)
         hook_id = register_webhook(client, url, secret)
-    except InputError as exc:
-        raise _fail(str(exc), EXIT_BAD_INPUT) from None
-    except MlflowException as exc:  # listing or deleting webhooks failed: MLflow's refusal, one line
-        raise _fail(_mlflow_error(exc), EXIT_BAD_INPUT) from None
+    except MlflowException as exc:  # listing or deleting webhooks failed: MLflow's refusal of this request
+        raise InputError(_mlflow_error(exc)) from None
     out.print(f"webhook {hook_id} -> {escape(url)}")
 
 
 @stack_app.command("up")
+@exit_codes
 def stack_up(config: ConfigOption = None) -> None:
     """Start MLflow and Prefect (PostgreSQL), the bridge and a worker per CPU pool on 127.0.0.1, until all answer."""
     from quantgate.automation import stack
 
     _quiet_libraries()
     settings = stack.StackSettings.from_env(config=config)
-    try:
-        state = stack.up(settings)
-    except QuantgateError as exc:
-        raise _fail(str(exc), EXIT_INTERNAL) from None
+    state = stack.up(settings)
     for name, url in state.urls.items():
         out.print(f"{name:8} {url}")
     workers = [name for name in state.processes if name.startswith("worker")]
@@ -563,6 +483,7 @@ def stack_up(config: ConfigOption = None) -> None:
 
 
 @stack_app.command("down")
+@exit_codes
 def stack_down() -> None:
     """Stop exactly the processes `stack up` started."""
     from quantgate.automation import stack
@@ -572,30 +493,29 @@ def stack_down() -> None:
 
 
 @local_prefect.command("start")
+@exit_codes
 def local_prefect_start() -> None:
     """Start (or find) the local Prefect server now, e.g. in a CI job's set-up, so no command waits for it."""
-    from quantgate.flows.runtime import ensure_local_server
+    from quantgate.flows.prefect_server import ensure_local_server
 
-    try:
-        url = ensure_local_server()
-    except QuantgateError as exc:
-        raise _fail(str(exc), EXIT_INTERNAL) from None
-    out.print(url)
+    out.print(ensure_local_server())
 
 
 @local_prefect.command("status")
+@exit_codes
 def local_prefect_status() -> None:
     """Show the local Prefect server quantgate started, if one is running."""
-    from quantgate.flows.runtime import local_server_status
+    from quantgate.flows.prefect_server import local_server_status
 
     status = local_server_status()
     out.print(json.dumps(status, indent=2) if status else "no local Prefect server is running")
 
 
 @local_prefect.command("stop")
+@exit_codes
 def local_prefect_stop() -> None:
     """Stop the local Prefect server quantgate started."""
-    from quantgate.flows.runtime import stop_local_server
+    from quantgate.flows.prefect_server import stop_local_server
 
     out.print("stopped" if stop_local_server() else "no local Prefect server was running")
 

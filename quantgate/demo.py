@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from quantgate import names
+
 log = logging.getLogger("quantgate")
 
 DEMO_MODEL = "digits-cnn"
@@ -124,8 +126,8 @@ def register_demo_model(tracking_uri: str, workdir: Path, *, name: str = DEMO_MO
         client.create_registered_model(name)
     run_id = run.info.run_id
     version = str(client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id).version)
-    client.set_model_version_tag(name, version, "quantgate.calibration", f"runs:/{run_id}/data/calibration.npz")
-    client.set_model_version_tag(name, version, "quantgate.evaluation", f"runs:/{run_id}/data/evaluation.npz")
+    client.set_model_version_tag(name, version, names.CALIBRATION, f"runs:/{run_id}/data/calibration.npz")
+    client.set_model_version_tag(name, version, names.EVALUATION, f"runs:/{run_id}/data/evaluation.npz")
     client.set_registered_model_alias(name, "champion", version)
     log.info("registered %s version %s (test accuracy %.3f)", name, version, acc)
     return f"models:/{name}/{version}"

@@ -1,8 +1,8 @@
 """quantgate's exception hierarchy: one place, one meaning per type.
 
 The CLI maps these to exit codes (see README, "Exit codes"):
-``InputError`` and its subclasses -> 2; ``GateFailed`` -> 1; any other
-``QuantgateError`` -> 3 (``InfrastructureError`` among them: never a gate verdict).
+``InputError`` and its subclasses -> 2; any other ``QuantgateError`` -> 3 (``InfrastructureError`` among
+them: never a gate verdict). No candidate passing the gate is a result, not an error: exit 1.
 """
 
 from __future__ import annotations
@@ -86,10 +86,6 @@ class InfrastructureError(QuantgateError):
 
 class RegistrationError(QuantgateError):
     """Registering compressed versions in MLflow failed; nothing was left half-registered."""
-
-
-class GateFailed(QuantgateError):
-    """The pipeline ran, but no candidate passed the gate."""
 
 
 # errno values that say the machine, not the model or the recipe, failed.

@@ -26,7 +26,6 @@ REGISTRATION_POINTS = (
     "source_tagged",
     "committed",
 )
-POINTS = (*REGISTRATION_POINTS, "delivery_claimed")
 
 
 class InjectedFault(RuntimeError):

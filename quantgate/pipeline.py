@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from quantgate import gate, qat, registry, search
+from quantgate import gate, names, qat, registry, search
 from quantgate.build import BuildJob, BuildTimeout, BuildWorker, build
 from quantgate.cache import CandidateCache, RunKey
 from quantgate.data import NpzDataset, check_values, resolve_data_uri
@@ -29,7 +29,7 @@ from quantgate.errors import (
     QuantgateError,
     raise_if_infrastructure,
 )
-from quantgate.gate import Check, Verdict
+from quantgate.gate import Verdict
 from quantgate.hardware import Hardware
 from quantgate.intake import to_onnx
 from quantgate.model import ModelInfo, read_model_info
@@ -58,6 +58,7 @@ from quantgate.validators.base import (
     Validator,
     collect_outputs,
     load_validators,
+    publish,
 )
 from quantgate.validators.latency import (
     Block,
@@ -70,8 +71,6 @@ from quantgate.validators.latency import (
 )
 
 log = logging.getLogger("quantgate")
-
-DATA_TAGS = {"calibration": "quantgate.calibration", "evaluation": "quantgate.evaluation"}
 
 
 @dataclass(frozen=True)
@@ -113,12 +112,11 @@ def _data_uri(role: str, policy: Policy, source: registry.SourceVersion) -> str:
     uri = getattr(policy.data, role)
     if uri:
         return str(uri)
-    tagged = source.tags.get(DATA_TAGS[role])
+    tagged = source.tags.get(names.DATA_TAGS[role])
     if tagged:
         return tagged
-    raise DataError(
-        f"no {role} data: set data.{role} in the policy or tag {source.uri} with {DATA_TAGS[role]}=<uri of a .npz>"
-    )
+    tag = names.DATA_TAGS[role]
+    raise DataError(f"no {role} data: set data.{role} in the policy or tag {source.uri} with {tag}=<uri of a .npz>")
 
 
 def load_data(policy: Policy, source: registry.SourceVersion, model: ModelInfo, workdir: Path) -> DataSets:
@@ -306,9 +304,9 @@ def accuracy_control_data(data: DataSets, metric: str) -> tuple[NpzDataset, str]
     )
 
 
-def failed_result(recipe: Recipe, reason: str, hardware: Hardware, has_labels: bool, policy: Policy) -> CandidateResult:
-    verdict = gate.judge({}, policy.gate, has_labels=has_labels, error=reason)
-    return CandidateResult(recipe, {}, verdict, hardware)
+def failed_result(recipe: Recipe, reason: str, hardware: Hardware) -> CandidateResult:
+    """A candidate that was never measured: its build, its backend or its step failed, for ``reason``."""
+    return CandidateResult(recipe, {}, gate.failed(reason), hardware)
 
 
 @dataclass
@@ -404,7 +402,7 @@ def evaluate(
     tuning = _tuning_record(base, recipe)
     key = state.run_key.for_recipe(recipe, tuning) if state.run_key is not None else None
     if state.cache is not None and key is not None:
-        cached = _from_cache(state, key, policy, has_labels)
+        cached = _from_cache(state, key, policy, has_labels, validators)
         if cached is not None:
             log.info("%s: measured before (cache), re-gated", label)
             return CandidateRun(cached, extra={"cached": True})
@@ -430,7 +428,7 @@ def evaluate(
     except (BackendError, BackendUnavailable) as exc:  # one recipe's failure: the others go on
         raise_if_infrastructure(exc, label)
         log.info("%s failed to build: %s", label, exc)
-        failed = failed_result(recipe, str(exc), hardware, has_labels, policy)
+        failed = failed_result(recipe, str(exc), hardware)
         return CandidateRun(failed, time.perf_counter() - t0)
     t1 = time.perf_counter()
     run = _validate(base, cand, runner, data, policy, hardware, validators, state)
@@ -504,7 +502,8 @@ def _validate(
     ctx = _context(base, cand, runner, data, policy, hardware, target=target)
     quality_validators = [v for v in validators if v.name != LATENCY]
     metrics, details = _measure(quality_validators, ctx)
-    quality = gate.judge(metrics, gate.quality_only(policy.gate), has_labels=has_labels)
+    only = [v.name for v in quality_validators]
+    quality = gate.judge(metrics, policy.gate, has_labels=has_labels, validators=validators, only=only)
     if not quality.passed:
         state.quality_failed += 1
         probed, note = _probe(base, runner, data, policy, state, recipe)
@@ -519,7 +518,7 @@ def _validate(
     more, more_details = _measure([v for v in validators if v.name == LATENCY], ctx)
     metrics.update(more)
     details.update(more_details)
-    verdict = gate.judge(metrics, policy.gate, has_labels=has_labels)
+    verdict = gate.judge(metrics, policy.gate, has_labels=has_labels, validators=validators)
     _record_timing(state, recipe, metrics, verdict)
     return result(metrics, verdict, details)
 
@@ -598,17 +597,20 @@ def _tuning_record(base: Baseline, recipe: Recipe) -> dict[str, Any] | None:
 TUNED_KINDS = ("accuracy_control", "mixed")
 
 
-def _from_cache(state: SearchState, key: str, policy: Policy, has_labels: bool) -> CandidateResult | None:
+def _from_cache(
+    state: SearchState, key: str, policy: Policy, has_labels: bool, validators: list[Validator]
+) -> CandidateResult | None:
     """A cached measurement re-gated under this policy; ``None`` when it lacks what this gate needs."""
     assert state.cache is not None
     cached = state.cache.get(key)
     if cached is None:
         return None
-    quality = gate.judge(cached.metrics, gate.quality_only(policy.gate), has_labels=has_labels)
-    timed = "latency_p50_ms" in cached.metrics
+    metrics, quality_only = cached.metrics, [v.name for v in validators if v.name != LATENCY]
+    quality = gate.judge(metrics, policy.gate, has_labels=has_labels, validators=validators, only=quality_only)
+    timed = "latency_p50_ms" in metrics
     if quality.passed and not timed:
         return None  # it failed quality under an earlier, stricter gate: it must be timed now
-    verdict = gate.judge(cached.metrics, policy.gate, has_labels=has_labels) if timed else quality
+    verdict = gate.judge(metrics, policy.gate, has_labels=has_labels, validators=validators) if timed else quality
     cached.verdict = verdict
     cached.notes = [*cached.notes, "measured in an earlier run (same model, recipe, data, host, libraries); re-gated"]
     _record_timing(state, cached.recipe, cached.metrics, verdict)
@@ -696,14 +698,15 @@ def trivial_runner(backend: Backend, threads: int, workdir: Path) -> tuple[Runne
 
 
 def _measure(validators: list[Validator], ctx: ValidationContext) -> tuple[dict[str, float], dict[str, object]]:
-    """Every applicable validator's metrics, merged, and its details by validator name."""
+    """Every applicable validator's metrics, each under the name it owns (``validators.base.metric_key``: a key it
+    does not declare lands as ``<validator>.<key>``, so none overwrites another's), and its details by name."""
     metrics: dict[str, float] = {}
     details: dict[str, object] = {}
     for validator in validators:
         if validator.applies(ctx):
             measurement = validator.measure(ctx)
-            metrics.update(measurement.metrics)
-            details[measurement.validator] = measurement.details
+            metrics.update(publish(validator, measurement.metrics))
+            details[validator.name] = measurement.details
     return metrics, details
 
 
@@ -743,10 +746,10 @@ def evaluate_prepared(
         needs = exc
     except (BackendError, BackendUnavailable) as exc:
         raise_if_infrastructure(exc, f"{recipe.backend}/{recipe.name}")
-        return CandidateRun(failed_result(recipe, str(exc), hardware, has_labels, policy), time.perf_counter() - t0)
+        return CandidateRun(failed_result(recipe, str(exc), hardware), time.perf_counter() - t0)
     else:  # the backend became able to run here mid-run (a GPU appeared?): no baseline was built for it
         reason = f"{recipe.backend} became available mid-run ({built.artifact.name}); run again to measure it"
-        return CandidateRun(failed_result(recipe, reason, hardware, has_labels, policy), time.perf_counter() - t0)
+        return CandidateRun(failed_result(recipe, reason, hardware), time.perf_counter() - t0)
     t1 = time.perf_counter()
     try:
         from quantgate.plugins.onnxruntime import OrtRunner
@@ -754,23 +757,22 @@ def evaluate_prepared(
         runner = OrtRunner(needs.artifact, threads=policy.latency.threads)
     except BackendError as exc:
         reason = f"the prepared ONNX does not run on ONNX Runtime: {exc}"
-        return CandidateRun(failed_result(recipe, reason, hardware, has_labels, policy), t1 - t0)
+        return CandidateRun(failed_result(recipe, reason, hardware), t1 - t0)
     prepared = Candidate(recipe, needs.artifact, needs.notes)
     ctx = _context(reference, prepared, runner, data, policy, hardware, reopen=False)
     metrics, details = _measure([v for v in validators if v.name in QUALITY_VALIDATORS], ctx)
-    quality_gate = policy.gate.model_copy(update={"min_speedup": None, "max_size_ratio": None})
-    quality = gate.judge(metrics, quality_gate, has_labels=has_labels)
-    checks = (*quality.checks, Check("target", False, str(needs)))
+    # The size of the ONNX prepared here is not the target artifact's: only output quality is judged here.
+    only = [v for v in QUALITY_VALIDATORS if v != "size"]
+    quality = gate.judge(metrics, policy.gate, has_labels=has_labels, validators=validators, only=only)
+    verdict = gate.needs_target(quality, str(needs))
     notes = [*needs.notes, "quality measured with ONNX Runtime on this host; latency is measured on the target only"]
-    result = CandidateResult(
-        recipe, metrics, Verdict(False, checks), hardware, artifact=None, notes=notes, details=details
-    )
+    result = CandidateResult(recipe, metrics, verdict, hardware, artifact=None, notes=notes, details=details)
     return CandidateRun(result, t1 - t0, time.perf_counter() - t1)
 
 
-def unavailable_result(planned: PlannedRecipe, hardware: Hardware, has_labels: bool, policy: Policy) -> CandidateResult:
+def unavailable_result(planned: PlannedRecipe, hardware: Hardware) -> CandidateResult:
     recipe = Recipe.make(planned.backend, "(backend unavailable)", "none")
-    return failed_result(recipe, planned.unavailable, hardware, has_labels, policy)
+    return failed_result(recipe, planned.unavailable, hardware)
 
 
 # How many of the fastest timed candidates get a shape-specialized variant, and how far behind the best they may be
@@ -861,10 +863,15 @@ def playoff(
         )
 
 
-def promote(results: list[CandidateResult]) -> CandidateResult | None:
-    """Mark and return the fastest passing candidate."""
+def winner(results: Sequence[CandidateResult]) -> CandidateResult | None:
+    """The fastest passing candidate (``gate.choose_winner``), or ``None``; nothing is changed."""
     index = gate.choose_winner([(r.verdict, r.metrics) for r in results])
-    if index is None:
-        return None
-    results[index].promoted = True
-    return results[index]
+    return None if index is None else results[index]
+
+
+def promote(results: Sequence[CandidateResult]) -> CandidateResult | None:
+    """Mark and return the fastest passing candidate, for a caller that keeps the results itself."""
+    best = winner(results)
+    if best is not None:
+        best.promoted = True
+    return best

@@ -9,7 +9,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -41,6 +41,11 @@ class DataPolicy(_Strict):
     )
 
 
+# A declared check's value in the policy: its limit, or a mapping of its settings. Validated by the schema the check
+# declares, when a run starts (gate.configure), not here: the policy does not know which validators are installed.
+CheckSetting = Any
+
+
 class GatePolicy(_Strict):
     max_accuracy_drop: float | None = Field(default=0.01, ge=0.0, le=1.0)
     min_fidelity: float | None = Field(default=None, ge=-1.0, le=1.0)
@@ -60,6 +65,13 @@ class GatePolicy(_Strict):
     speedup_on: Literal["warm", "first_call"] = Field(
         default="warm",
         description="Gate the speedup on warm calls (a served model) or on the first call after loading (cold start)",
+    )
+    checks: dict[str, dict[str, CheckSetting]] = Field(
+        default_factory=dict,
+        description=(
+            "Checks validators declare, as validator -> check -> a limit (a number) or its settings (a mapping with "
+            "'limit'); checked against the installed validators' declarations when a run starts (gate.py)"
+        ),
     )
 
 
@@ -276,6 +288,8 @@ class Policy(_Strict):
             del data["qat"]
         if data["data"].get("training") is None:
             del data["data"]["training"]
+        if not data["gate"]["checks"]:
+            del data["gate"]["checks"]
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -24,21 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from quantgate import faults, processes, registry
+from quantgate import faults, names, processes, registry
 from quantgate.redact import redact, redact_data
-from quantgate.registry import TAG
 
 log = logging.getLogger("quantgate")
 
-JOURNAL = TAG + "registration"
-STATE = TAG + "registration_state"  # open, committed, rolled_back: searchable without parsing the journal
-OWNER = TAG + "owner"
-HEARTBEAT = TAG + "heartbeat"
-BEFORE = "registration/before.json"
-SOURCE_KEYS = tuple(
-    TAG + k for k in ("summary", "compressed_uri", "last_run_id", "policy_hash", "backend_versions", "failure")
-)
-OUTCOME = TAG + "outcome"
 HEARTBEAT_S = 60.0
 
 
@@ -99,21 +89,21 @@ class Unit:
 
     def save(self, step: str) -> None:
         self.journal.step = step
-        self.client.set_tag(self.parent_id, JOURNAL, self.journal.dump())
-        self.client.set_tag(self.parent_id, STATE, self.journal.state)
+        self.client.set_tag(self.parent_id, names.JOURNAL, self.journal.dump())
+        self.client.set_tag(self.parent_id, names.JOURNAL_STATE, self.journal.state)
 
     def open(self, alias: tuple[str, str] | None) -> None:
         """The journal, then the state this unit may overwrite, before any change."""
         self.save("started")
         mv = self.client.get_model_version(self.source.name, self.source.version)
         before: dict[str, Any] = {
-            "tags": {k: v for k, v in (mv.tags or {}).items() if k in (*SOURCE_KEYS, OUTCOME)},
+            "tags": {k: v for k, v in (mv.tags or {}).items() if k in (*names.SOURCE_TAGS, names.OUTCOME)},
             "description": mv.description or "",
             "aliases": {},
         }
         if alias is not None:
             before["aliases"][alias[0]] = _alias_target(self.client, *alias)
-        _log_json(self.client, self.parent_id, BEFORE, before)
+        _log_json(self.client, self.parent_id, names.BEFORE, before)
         self.journal.before = True
         self.save("before")
         faults.point("registration_started")
@@ -123,7 +113,7 @@ class Unit:
         if not _model_exists(self.client, name):
             self.journal.models.append(name)
             self.save("creating model")
-            self.client.create_registered_model(name, tags={registry.MANAGED_TAG: "true"})
+            self.client.create_registered_model(name, tags={names.MANAGED: "true"})
             faults.point("model_created")
         self.journal.intents.append((name, cand_run_id or ""))
         self.save("creating version")
@@ -148,7 +138,7 @@ class Unit:
             return
         self.journal.versions = [v for v in self.journal.versions if v != (name, created)]
         tags = self.client.get_model_version(name, kept).tags or {}
-        if cand_run_id and tags.get(TAG + "candidate_run_id") == cand_run_id:
+        if cand_run_id and tags.get(names.CANDIDATE_RUN_ID) == cand_run_id:
             self.journal.versions.append((name, kept))
         self.save("duplicate settled")
 
@@ -163,14 +153,14 @@ class Unit:
         self.journal.source_tagged = True
         self.save("tagging source")
         name, version = self.source.name, self.source.version
-        for key in SOURCE_KEYS:
+        for key in names.SOURCE_TAGS:
             if key in tags:
                 self.client.set_model_version_tag(name, version, key, tags[key])
             else:
                 with contextlib.suppress(Exception):  # absent already
                     self.client.delete_model_version_tag(name, version, key)
         self.client.update_model_version(name, version, description)
-        self.client.set_model_version_tag(name, version, OUTCOME, tags[OUTCOME])
+        self.client.set_model_version_tag(name, version, names.OUTCOME, tags[names.OUTCOME])
         faults.point("source_tagged")
         self.journal.state = "committed"
         self.save("committed")
@@ -217,8 +207,8 @@ def rollback(
     if not failed:
         journal.state = "rolled_back"
         with contextlib.suppress(Exception):
-            client.set_tag(parent_id, JOURNAL, journal.dump())
-            client.set_tag(parent_id, STATE, journal.state)
+            client.set_tag(parent_id, names.JOURNAL, journal.dump())
+            client.set_tag(parent_id, names.JOURNAL_STATE, journal.state)
     return done, failed
 
 
@@ -241,9 +231,10 @@ class Orphan:
 
 def orphans(client: Any, experiment_id: str, source: registry.SourceVersion, exclude: str) -> list[Orphan]:
     """Runs of ``source`` whose process is gone: still RUNNING, or with an open journal, owner dead or silent."""
-    base = f"tags.`{TAG}source_name` = '{_q(source.name)}' and tags.`{TAG}source_version` = '{_q(source.version)}'"
+    base = f"tags.`{names.SOURCE_NAME}` = '{_q(source.name)}'"
+    base += f" and tags.`{names.SOURCE_VERSION}` = '{_q(source.version)}'"
     found: dict[str, Any] = {}
-    for extra in ("attributes.status = 'RUNNING'", f"tags.`{STATE}` = 'open'"):
+    for extra in ("attributes.status = 'RUNNING'", f"tags.`{names.JOURNAL_STATE}` = 'open'"):
         for run in client.search_runs([experiment_id], filter_string=f"{base} and {extra}", max_results=100):
             found[run.info.run_id] = run
     out = []
@@ -251,15 +242,15 @@ def orphans(client: Any, experiment_id: str, source: registry.SourceVersion, exc
         if run_id == exclude:
             continue
         tags = run.data.tags
-        owner = processes.Owner.from_json(tags.get(OWNER, ""))
+        owner = processes.Owner.from_json(tags.get(names.OWNER, ""))
         if owner is not None and owner.alive():
             continue
-        silent_for = time.time() - float(tags.get(HEARTBEAT, "0") or 0)
+        silent_for = time.time() - float(tags.get(names.HEARTBEAT, "0") or 0)
         # Another host (or no owner recorded): only a heartbeat silent for long enough says it is gone.
         if (owner is None or owner.alive() is None) and silent_for < orphan_after_s():
             continue
-        journal = Journal.load(tags[JOURNAL]) if tags.get(JOURNAL) else None
-        out.append(Orphan(run_id, tags.get(OWNER, "an unknown process"), journal))
+        journal = Journal.load(tags[names.JOURNAL]) if tags.get(names.JOURNAL) else None
+        out.append(Orphan(run_id, tags.get(names.OWNER, "an unknown process"), journal))
     return out
 
 
@@ -280,7 +271,7 @@ def reap(client: Any, orphan: Orphan, source: registry.SourceVersion) -> None:
     )
     for child in children:
         client.set_terminated(child.info.run_id, "FAILED")
-    client.set_tag(orphan.run_id, TAG + "orphaned", f"its process ({orphan.owner}) died; closed by a later run")
+    client.set_tag(orphan.run_id, names.ORPHANED, f"its process ({orphan.owner}) died; closed by a later run")
     client.set_terminated(orphan.run_id, status)
 
 
@@ -294,13 +285,13 @@ def orphan_after_s() -> float:
 @contextlib.contextmanager
 def keep_alive(client: Any, run_id: str, every_s: float = HEARTBEAT_S) -> Iterator[None]:
     """Mark ``run_id`` as owned by this process, with a heartbeat other hosts can read, while the block runs."""
-    client.set_tag(run_id, OWNER, processes.me().to_json())
+    client.set_tag(run_id, names.OWNER, processes.me().to_json())
     stop = threading.Event()
 
     def beat() -> None:
         while True:
             with contextlib.suppress(Exception):  # a missed beat only makes the run look older
-                client.set_tag(run_id, HEARTBEAT, f"{time.time():.0f}")
+                client.set_tag(run_id, names.HEARTBEAT, f"{time.time():.0f}")
             if stop.wait(every_s):
                 return
 
@@ -342,9 +333,9 @@ def _matching(client: Any, name: str, source: registry.SourceVersion, recipe_has
     return [
         int(mv.version)
         for mv in versions
-        if (mv.tags or {}).get(TAG + "source_name") == source.name
-        and (mv.tags or {}).get(TAG + "source_version") == source.version
-        and (mv.tags or {}).get(TAG + "recipe_hash") == recipe_hash
+        if (mv.tags or {}).get(names.SOURCE_NAME) == source.name
+        and (mv.tags or {}).get(names.SOURCE_VERSION) == source.version
+        and (mv.tags or {}).get(names.RECIPE_HASH) == recipe_hash
     ]
 
 
@@ -352,7 +343,7 @@ def _versions_of_run(client: Any, name: str, run_id: str) -> list[str]:
     if not run_id or not _model_exists(client, name):
         return []
     versions = client.search_model_versions(f"name = '{_q(name)}'")
-    return [str(mv.version) for mv in versions if (mv.tags or {}).get(TAG + "candidate_run_id") == run_id]
+    return [str(mv.version) for mv in versions if (mv.tags or {}).get(names.CANDIDATE_RUN_ID) == run_id]
 
 
 def _model_exists(client: Any, name: str) -> bool:
@@ -426,22 +417,22 @@ def _restore_source(client: Any, source: registry.SourceVersion, before: dict[st
     tags: dict[str, str] = before.get("tags", {})
     name, version = source.name, source.version
     with contextlib.suppress(Exception):
-        client.delete_model_version_tag(name, version, OUTCOME)
-    for key in SOURCE_KEYS:
+        client.delete_model_version_tag(name, version, names.OUTCOME)
+    for key in names.SOURCE_TAGS:
         if key in tags:
             client.set_model_version_tag(name, version, key, tags[key])
         else:
             with contextlib.suppress(Exception):
                 client.delete_model_version_tag(name, version, key)
     client.update_model_version(name, version, before.get("description", ""))
-    if OUTCOME in tags:
-        client.set_model_version_tag(name, version, OUTCOME, tags[OUTCOME])
+    if names.OUTCOME in tags:
+        client.set_model_version_tag(name, version, names.OUTCOME, tags[names.OUTCOME])
 
 
 def _read_before(client: Any, run_id: str) -> dict[str, Any] | None:
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            loaded: dict[str, Any] = json.loads(Path(client.download_artifacts(run_id, BEFORE, tmp)).read_text())
+            loaded: dict[str, Any] = json.loads(Path(client.download_artifacts(run_id, names.BEFORE, tmp)).read_text())
         except Exception:  # never logged (died before): nothing to restore from it
             return None
     return loaded

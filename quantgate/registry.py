@@ -23,8 +23,6 @@ from quantgate.redact import has_credentials, is_redacted, redact
 
 log = logging.getLogger(__name__)
 
-TAG = "quantgate."
-MANAGED_TAG = TAG + "managed"
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))$")
 
 
@@ -282,28 +280,6 @@ def download(source: SourceVersion, dst: Path) -> Path:
 def sibling_name(source_name: str, backend: str, precision: str) -> str:
     """Name of the registered model that holds compressed versions: ``<source>-<backend>-<precision>``."""
     return f"{source_name}-{backend}-{precision}"
-
-
-def find_existing(client: Any, name: str, source: SourceVersion, recipe_hash: str) -> str | None:
-    """Version of ``name`` already registered from this source version and recipe, if any."""
-    from mlflow.exceptions import MlflowException
-
-    escaped = name.replace("'", "\\'")
-    try:
-        versions = client.search_model_versions(f"name = '{escaped}'")
-    except MlflowException as exc:
-        if _not_found(exc):
-            return None
-        raise
-    for mv in versions:
-        tags = mv.tags or {}
-        if (
-            tags.get(TAG + "source_name") == source.name
-            and tags.get(TAG + "source_version") == source.version
-            and tags.get(TAG + "recipe_hash") == recipe_hash
-        ):
-            return str(mv.version)
-    return None
 
 
 def tags_to_strings(values: Mapping[str, object]) -> dict[str, str]:

@@ -28,6 +28,7 @@ from quantgate.documents import (
     metric,
     status,
 )
+from quantgate.names import DESCRIPTION_PREFIX
 
 __all__ = ["Doc", "baselines", "candidates", "comparison_rows", "label", "markdown_report", "metric", "status"]
 
@@ -340,13 +341,13 @@ def source_description_line(doc: Doc) -> str:
     winner = _winner(doc)
     others = [c for c in candidates(doc) if c is not winner and c.get("registered_uri")]
     if winner is None:
-        return f"quantgate: no compressed version passed the gate ({len(candidates(doc))} candidates tried)."
+        return f"{DESCRIPTION_PREFIX}no compressed version passed the gate ({len(candidates(doc))} candidates tried)."
     if not winner.get("registered_uri"):
-        return f"quantgate: {_md(label(winner))} passed the gate but was not registered."
+        return f"{DESCRIPTION_PREFIX}{_md(label(winner))} passed the gate but was not registered."
     name, version = _split_uri(str(winner["registered_uri"]))
     s, size = metric(winner, "speedup"), metric(winner, "size_ratio")
     line = (
-        f"quantgate: compressed version {_md_link(f'{name} v{version}', name, version)} "
+        f"{DESCRIPTION_PREFIX}compressed version {_md_link(f'{name} v{version}', name, version)} "
         f"({_md(label(winner))}, {_f(s, '.2f', 'x')} faster, {_f(size, '.2f')} of the size)"
     )
     if others:

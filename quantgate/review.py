@@ -14,9 +14,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from quantgate import registry
+from quantgate import names, registry
 from quantgate.errors import InputError
-from quantgate.registry import TAG, SourceVersion
+from quantgate.registry import SourceVersion
 
 
 @dataclass(frozen=True)
@@ -53,19 +53,19 @@ def result_run_id(client: Any, version: SourceVersion) -> str:
     """The parent run whose result covers ``version``: its own latest run, or, for a version quantgate registered,
     the run that produced it."""
     tags = version.tags
-    if tags.get(registry.MANAGED_TAG) == "true" and tags.get(TAG + "candidate_run_id"):
-        child = client.get_run(tags[TAG + "candidate_run_id"])
+    if tags.get(names.MANAGED) == "true" and tags.get(names.CANDIDATE_RUN_ID):
+        child = client.get_run(tags[names.CANDIDATE_RUN_ID])
         parent = child.data.tags.get("mlflow.parentRunId")
         if parent:
             return str(parent)
-    if tags.get(TAG + "last_run_id"):
-        return tags[TAG + "last_run_id"]
+    if tags.get(names.LAST_RUN_ID):
+        return tags[names.LAST_RUN_ID]
     raise InputError(f"{version.uri} has no quantgate result yet: run `quantgate compress {version.uri}` first")
 
 
 def load_result(client: Any, run_id: str) -> dict[str, Any]:
     """The result document logged to ``run_id``."""
-    return load_artifact_json(client, run_id, "result.json")
+    return load_artifact_json(client, run_id, names.RESULT)
 
 
 def load_artifact_json(client: Any, run_id: str, name: str) -> dict[str, Any]:
@@ -90,7 +90,7 @@ def history(client: Any, name: str) -> list[Attempt]:
         functools.partial(
             client.search_runs,
             list(experiments),
-            filter_string=f"tags.`{TAG}source_name` = '{escaped}'",
+            filter_string=f"tags.`{names.SOURCE_NAME}` = '{escaped}'",
             order_by=["attributes.start_time DESC"],
         )
     )
@@ -101,11 +101,11 @@ def history(client: Any, name: str) -> list[Attempt]:
             Attempt(
                 run_id=run.info.run_id,
                 started=datetime.fromtimestamp(run.info.start_time / 1000, tz=UTC),
-                version=tags.get(TAG + "source_version", "?"),
+                version=tags.get(names.SOURCE_VERSION, "?"),
                 status=run.info.status,
-                outcome=tags.get(TAG + "outcome", ""),
-                promoted_uri=tags.get(TAG + "promoted_uri", ""),
-                policy_hash=tags.get(TAG + "policy_hash", ""),
+                outcome=tags.get(names.OUTCOME, ""),
+                promoted_uri=tags.get(names.PROMOTED_URI, ""),
+                policy_hash=tags.get(names.POLICY_HASH, ""),
                 candidates=int(metrics.get("candidates", 0)),
                 passed=int(metrics.get("passed", 0)),
                 experiment=experiments.get(run.info.experiment_id, run.info.experiment_id),

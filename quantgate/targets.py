@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from quantgate.gate import Check, Verdict
+from quantgate import gate
 from quantgate.hardware import INFERENCE_PRECISIONS, Hardware, compute_need
 from quantgate.pipeline import PlannedRecipe, failed_result
 from quantgate.plugins.base import Recipe
@@ -22,17 +22,11 @@ from quantgate.policy import HardwareRequirements, Policy, TargetPolicy
 from quantgate.result import CandidateResult
 
 STEP_DEPLOYMENT = "compress-step"
-STEP_ARTIFACT_DIR = "steps"
 
 
 def deployment_name(pool: str) -> str:
     """The step deployment of a pool: flow ``compress-step``, deployment named after the pool."""
     return f"{STEP_DEPLOYMENT}/{pool}"
-
-
-def step_artifact(pool: str) -> str:
-    """Where a step leaves its results on the parent MLflow run."""
-    return f"{STEP_ARTIFACT_DIR}/{pool}.json"
 
 
 def mismatches(hw: Hardware, req: HardwareRequirements) -> list[str]:
@@ -69,24 +63,18 @@ def compute_mismatches(hw: Hardware, recipe: Recipe) -> list[str]:
     return [f"recipe {recipe.name} computes in {need.capability}, which needs {need.cpu}; {need.lacking()}"]
 
 
-def hardware_check(cand: CandidateResult, target: TargetPolicy, recorded_fingerprint: object) -> Check:
-    """The ``hardware`` gate check of a candidate that had a target."""
+def hardware_checked(cand: CandidateResult, target: TargetPolicy, recorded_fingerprint: object) -> CandidateResult:
+    """``cand`` with the hardware check of a candidate that had a target: the facts (where it was measured, how that
+    host falls short of the target, a fingerprint that contradicts its record) go to the gate, which decides."""
     hw = cand.hardware
     where = f"measured on {hw.cpu_model or '?'} ({hw.logical_cores} cores"
     where += f", {', '.join(hw.gpus)})" if hw.gpus else ")"
     where += f", fingerprint {hw.fingerprint()}"
+    forged = None
     if recorded_fingerprint is not None and recorded_fingerprint != hw.fingerprint():
-        detail = f"{where}: the recorded fingerprint {recorded_fingerprint} does not match the recorded hardware"
-        return Check("hardware", False, detail)
+        forged = f"the recorded fingerprint {recorded_fingerprint} does not match the recorded hardware"
     problems = mismatches(hw, target.requires) + compute_mismatches(hw, cand.recipe)
-    if problems:
-        return Check("hardware", False, f"{where}: refused for pool {target.pool}: {'; '.join(problems)}")
-    return Check("hardware", True, f"{where}: meets the requirements of pool {target.pool}")
-
-
-def with_check(cand: CandidateResult, check: Check) -> CandidateResult:
-    checks = (*cand.verdict.checks, check)
-    return replace(cand, verdict=Verdict(cand.verdict.passed and check.passed, checks))
+    return replace(cand, verdict=gate.on_hardware(cand.verdict, where, target.pool, problems, forged))
 
 
 def check_targets(
@@ -104,8 +92,29 @@ def check_targets(
             out.append(cand)
             continue
         recorded = fingerprints[i] if fingerprints is not None else None
-        out.append(with_check(cand, hardware_check(cand, target, recorded)))
+        out.append(hardware_checked(cand, target, recorded))
     return out
+
+
+@dataclass(frozen=True)
+class Split:
+    """A plan divided between this process (``local``) and the target pools whose steps run elsewhere (``remote``:
+    pool -> its backends)."""
+
+    local: list[PlannedRecipe]
+    remote: dict[str, tuple[str, ...]]
+
+
+def split(planned: Sequence[PlannedRecipe], policy: Policy, here: str | None) -> Split:
+    """Which recipes this process measures, and which pools must run a step: a pool other than ``here`` (the pool
+    this run was picked up from, ``None`` outside a worker) with a planned backend; the rest runs here."""
+    remote = {
+        pool: backends
+        for pool, backends in policy.pools().items()
+        if pool != here and any(p.backend in backends for p in planned)
+    }
+    routed = {b for backends in remote.values() for b in backends}
+    return Split([p for p in planned if p.backend not in routed], remote)
 
 
 @dataclass
@@ -150,17 +159,15 @@ def read_step_document(pool: str, doc: Mapping[str, Any]) -> StepOutcome:
     return StepOutcome(pool, results, fingerprints, timings)
 
 
-def failed_step(
-    pool: str, planned: list[PlannedRecipe], reason: str, hardware: Hardware, has_labels: bool, policy: Policy
-) -> StepOutcome:
+def failed_step(pool: str, planned: list[PlannedRecipe], reason: str, hardware: Hardware) -> StepOutcome:
     """A pool that returned nothing usable fails its recipes with the reason; the other pools' candidates go on."""
     results: list[CandidateResult] = []
     seen: set[str] = set()
     for item in planned:
         if item.recipe is not None:
-            results.append(failed_result(item.recipe, reason, hardware, has_labels, policy))
+            results.append(failed_result(item.recipe, reason, hardware))
         elif item.backend not in seen:
             recipe = Recipe.make(item.backend, "(step failed)", "none")
-            results.append(failed_result(recipe, reason, hardware, has_labels, policy))
+            results.append(failed_result(recipe, reason, hardware))
         seen.add(item.backend)
     return StepOutcome(pool, results)

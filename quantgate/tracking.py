@@ -14,13 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quantgate import faults, plots, processes, qat, registration, registry, report, serving, targets
+from quantgate import faults, names, plots, processes, qat, registration, registry, report, serving
 from quantgate.errors import BackendError, BackendUnavailable, RegistrationError
 from quantgate.hardware import Hardware, backend_versions
 from quantgate.model import ModelInfo
 from quantgate.policy import Policy
 from quantgate.redact import redact, redact_data
-from quantgate.registry import TAG
 from quantgate.result import CandidateResult, CompressionResult
 
 log = logging.getLogger("quantgate")
@@ -46,25 +45,25 @@ def _log_json(client: Any, run_id: str, name: str, payload: object) -> None:
 def _lineage_tags(result: CompressionResult, cand: CandidateResult) -> dict[str, str]:
     hw = cand.hardware
     tags: dict[str, object] = {
-        registry.MANAGED_TAG: "true",
-        TAG + "source_name": result.source.name,
-        TAG + "source_version": result.source.version,
-        TAG + "source_uri": result.source.uri,
-        TAG + "source_run_id": result.source.run_id or "",
-        TAG + "backend": cand.backend,
-        TAG + "recipe": cand.recipe.name,
-        TAG + "recipe_hash": cand.recipe.digest,
-        TAG + "policy_hash": result.policy_hash,
-        TAG + "candidate_run_id": cand.run_id or "",
-        TAG + "hardware": hw.fingerprint(),
-        TAG + "cpu": hw.cpu_model,
-        TAG + "isa": ",".join(hw.isa_flags),
-        TAG + "libraries": hw.libraries,
+        names.MANAGED: "true",
+        names.SOURCE_NAME: result.source.name,
+        names.SOURCE_VERSION: result.source.version,
+        names.SOURCE_URI: result.source.uri,
+        names.SOURCE_RUN_ID: result.source.run_id or "",
+        names.BACKEND: cand.backend,
+        names.RECIPE: cand.recipe.name,
+        names.RECIPE_HASH: cand.recipe.digest,
+        names.POLICY_HASH: result.policy_hash,
+        names.CANDIDATE_RUN_ID: cand.run_id or "",
+        names.HARDWARE: hw.fingerprint(),
+        names.CPU: hw.cpu_model,
+        names.ISA: ",".join(hw.isa_flags),
+        names.LIBRARIES: hw.libraries,
     }
-    for key in ("speedup", "speedup_ci_low", "size_ratio", "accuracy_drop", "fidelity", "latency_p50_ms"):
+    for key in names.TAGGED_METRICS:
         if key in cand.metrics:
-            tags[f"{TAG}metric.{key}"] = f"{cand.metrics[key]:.6g}"
-    tags.update({TAG + key: value for key, value in qat.lineage_tags(cand.details).items()})
+            tags[names.METRIC_PREFIX + key] = f"{cand.metrics[key]:.6g}"
+    tags.update({names.tag(key): value for key, value in qat.lineage_tags(cand.details).items()})
     return registry.tags_to_strings(tags)
 
 
@@ -84,13 +83,13 @@ def _log_candidate(
         run_name=f"{cand.backend}/{cand.recipe.name}",
         tags={
             "mlflow.parentRunId": parent_id,
-            TAG + "backend": cand.backend,
-            TAG + "recipe": cand.recipe.name,
-            TAG + "passed": str(cand.passed).lower(),
-            TAG + "promoted": str(cand.promoted).lower(),
-            TAG + "status": cand.status,
-            TAG + "source_uri": source_uri,
-            TAG + "hardware": cand.hardware.fingerprint(),
+            names.BACKEND: cand.backend,
+            names.RECIPE: cand.recipe.name,
+            names.PASSED: str(cand.passed).lower(),
+            names.PROMOTED: str(cand.promoted).lower(),
+            names.STATUS: cand.status,
+            names.SOURCE_URI: source_uri,
+            names.HARDWARE: cand.hardware.fingerprint(),
         },
     )
     run_id = str(run.info.run_id)
@@ -109,9 +108,9 @@ def _log_candidate(
         except (BackendError, BackendUnavailable) as exc:  # costs this candidate its registration, not the run
             log.warning("%s", exc)
             cand.notes.append(f"not registered: {exc}")
-            client.set_tag(run_id, TAG + "serving_error", redact(str(exc))[:500])
+            client.set_tag(run_id, names.SERVING_ERROR, redact(str(exc))[:500])
         cand.logged_model_uri = model_uri
-    _log_json(client, run_id, "report.json", cand.to_record())
+    _log_json(client, run_id, names.CANDIDATE_REPORT, cand.to_record())
     client.set_terminated(run_id, "FINISHED")
     return model_uri
 
@@ -159,13 +158,13 @@ def start_parent(
         exp_id,
         run_name=f"compress {source.name} v{source.version}",
         tags={
-            TAG + "source_name": source.name,
-            TAG + "source_version": source.version,
-            TAG + "policy_hash": policy_hash,
-            TAG + "hardware": hardware.fingerprint(),
+            names.SOURCE_NAME: source.name,
+            names.SOURCE_VERSION: source.version,
+            names.POLICY_HASH: policy_hash,
+            names.HARDWARE: hardware.fingerprint(),
             # Set with the run, not after it: a concurrent run must never see it RUNNING without an owner.
-            registration.OWNER: processes.me().to_json(),
-            registration.HEARTBEAT: f"{time.time():.0f}",
+            names.OWNER: processes.me().to_json(),
+            names.HEARTBEAT: f"{time.time():.0f}",
         },
     )
     parent_id = str(parent.info.run_id)
@@ -196,13 +195,13 @@ def log_step(
     for cand in results:
         _log_candidate(client, exp_id, parent_id, source_uri, cand, model, cand.passed)
     document["candidates"] = [c.to_record() for c in results]  # now with run ids and logged models
-    _log_json(client, parent_id, targets.step_artifact(str(document["pool"])), document)
+    _log_json(client, parent_id, names.step_artifact(str(document["pool"])), document)
 
 
 def read_step(client: Any, parent_id: str, pool: str) -> dict[str, Any]:
     """The document a step left on the parent run."""
     with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(parent_id, targets.step_artifact(pool), tmp)
+        local = client.download_artifacts(parent_id, names.step_artifact(pool), tmp)
         loaded: dict[str, Any] = json.loads(Path(local).read_text())
     return loaded
 
@@ -243,7 +242,7 @@ def record(
     except Exception as exc:  # review material only: the registered versions and result.json stand without it
         log.warning("the review report could not be logged to run %s: %s", parent_id, exc)
         with contextlib.suppress(Exception):
-            client.set_tag(parent_id, TAG + "report_error", redact(str(exc))[:500])
+            client.set_tag(parent_id, names.REPORT_ERROR, redact(str(exc))[:500])
     faults.point("committed")
     client.set_terminated(parent_id, "FINISHED")
 
@@ -322,55 +321,39 @@ def _register_one(client: Any, unit: registration.Unit, result: CompressionResul
 def _record_parent(client: Any, parent_id: str, result: CompressionResult, policy: Policy, doc: dict[str, Any]) -> None:
     client.log_metric(parent_id, "candidates", len(result.candidates))
     client.log_metric(parent_id, "passed", sum(c.passed for c in result.candidates))
-    client.set_tag(parent_id, TAG + "outcome", "promoted" if result.promoted else "none_passed")
-    client.set_tag(parent_id, TAG + "promoted_uri", result.promoted_uri or "")
-    _log_json(client, parent_id, "result.json", doc)
-    _log_json(client, parent_id, "policy.json", policy.model_dump(mode="json"))
+    client.set_tag(parent_id, names.OUTCOME, "promoted" if result.promoted else "none_passed")
+    client.set_tag(parent_id, names.PROMOTED_URI, result.promoted_uri or "")
+    _log_json(client, parent_id, names.RESULT, doc)
+    _log_json(client, parent_id, names.POLICY, policy.model_dump(mode="json"))
 
 
 def _retag_candidate(client: Any, cand: CandidateResult) -> None:
     assert cand.run_id is not None
-    client.set_tag(cand.run_id, TAG + "passed", str(cand.passed).lower())
-    client.set_tag(cand.run_id, TAG + "promoted", str(cand.promoted).lower())
-    _log_json(client, cand.run_id, "report.json", cand.to_record())
-
-
-REPORT_FILES = (
-    "report.md",
-    "report.html",
-    "comparison_table.json",
-    "plots/latency.png",
-    "plots/tradeoff.png",
-    "plots/sizes.png",
-)
+    client.set_tag(cand.run_id, names.PASSED, str(cand.passed).lower())
+    client.set_tag(cand.run_id, names.PROMOTED, str(cand.promoted).lower())
+    _log_json(client, cand.run_id, names.CANDIDATE_REPORT, cand.to_record())
 
 
 def publish_report(client: Any, run_id: str, doc: dict[str, Any], gate: dict[str, Any]) -> None:
     """The review material on the parent run: a comparison table the UI renders, Markdown/HTML reports, plots."""
     import pandas as pd
 
-    pngs = {
-        "latency": plots.plot_latency(doc),
-        "tradeoff": plots.plot_tradeoff(doc, gate),
-        "sizes": plots.plot_sizes(doc, gate),
-    }
-    client.log_table(run_id, pd.DataFrame(report.comparison_rows(doc)), "comparison_table.json")
-    client.log_text(run_id, report.markdown_report(doc), "report.md")
-    client.log_text(run_id, report.html_report(doc, gate, pngs), "report.html")
+    drawn = (plots.plot_latency(doc), plots.plot_tradeoff(doc, gate), plots.plot_sizes(doc, gate))
+    pngs = dict(zip(names.PLOTS, drawn, strict=True))
+    client.log_table(run_id, pd.DataFrame(report.comparison_rows(doc)), names.COMPARISON_TABLE)
+    client.log_text(run_id, report.markdown_report(doc), names.REPORT_MD)
+    client.log_text(run_id, report.html_report(doc, gate, pngs), names.REPORT_HTML)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "plots"
+        folder = Path(tmp) / names.PLOTS_DIR
         folder.mkdir()
         for name, png in pngs.items():
             (folder / f"{name}.png").write_bytes(png)
-        client.log_artifacts(run_id, str(folder), "plots")
-
-
-SOURCE_LINE_PREFIX = "quantgate: "
+        client.log_artifacts(run_id, str(folder), names.PLOTS_DIR)
 
 
 def _source_description(current: str | None, line: str) -> str:
     """The source version's description with quantgate's line replaced (never stacked run after run)."""
-    kept = [x for x in (current or "").splitlines() if not x.startswith(SOURCE_LINE_PREFIX)]
+    kept = [x for x in (current or "").splitlines() if not x.startswith(names.DESCRIPTION_PREFIX)]
     while kept and not kept[-1].strip():
         kept.pop()
     return "\n\n".join(part for part in ("\n".join(kept), line) if part)
@@ -386,12 +369,12 @@ def _source_tags(result: CompressionResult, parent_id: str) -> dict[str, str]:
     else:
         summary = f"no candidate passed the gate ({len(result.candidates)} tried)"
     return {
-        TAG + "outcome": "promoted" if winner else "none_passed",
-        TAG + "summary": summary,
-        TAG + "compressed_uri": winner.registered_uri if winner and winner.registered_uri else "",
-        TAG + "last_run_id": parent_id,
-        TAG + "policy_hash": result.policy_hash,
-        TAG + "backend_versions": json.dumps(backend_versions(), sort_keys=True),
+        names.OUTCOME: "promoted" if winner else "none_passed",
+        names.SUMMARY: summary,
+        names.COMPRESSED_URI: winner.registered_uri if winner and winner.registered_uri else "",
+        names.LAST_RUN_ID: parent_id,
+        names.POLICY_HASH: result.policy_hash,
+        names.BACKEND_VERSIONS: json.dumps(backend_versions(), sort_keys=True),
     }
 
 
@@ -402,6 +385,6 @@ def _description(client: Any, source: registry.SourceVersion) -> str | None:
 def tag_failure(client: Any, source: registry.SourceVersion, reason: str, kind: str = "input") -> None:
     """A run that failed says why on the source version (never a silent skip); ``kind`` tells the nightly pass
     whether to retry it (infrastructure, internal) or wait for the input to change (input)."""
-    tags = {TAG + "summary": redact(reason)[:5000], TAG + "failure": kind, TAG + "outcome": "failed"}
+    tags = {names.SUMMARY: redact(reason)[:5000], names.FAILURE: kind, names.OUTCOME: "failed"}
     for key, value in tags.items():
         client.set_model_version_tag(source.name, source.version, key, value)

@@ -11,6 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from quantgate import testing
+from quantgate.testing import model_versions, register_onnx
+
+__all__ = ["model_versions", "register_onnx", "register_pytorch"]  # the tests' shared helpers, from quantgate.testing
+
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -141,33 +146,11 @@ def tracking_uri(tmp_path: Path, _empty_store: Path) -> Iterator[str]:
         os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
-def register_onnx(tracking_uri: str, path: Path, name: str) -> str:
-    import mlflow
-    import onnx
-
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("training")
-    with mlflow.start_run():
-        info = mlflow.onnx.log_model(
-            onnx.load(str(path)), name="model", registered_model_name=name, pip_requirements=["onnxruntime"]
-        )
-    return f"models:/{name}/{info.registered_model_version}"
-
-
 def register_pytorch(model: Any, digits: Any, name: str) -> str:
     """Log and register the CNN in MLflow's default pytorch format (pt2), as a user would; in the active store."""
     import mlflow
-    import torch
-    from mlflow.models import infer_signature
 
-    with torch.no_grad():
-        y = model(torch.from_numpy(digits.x_test[:2])).numpy()
-    with mlflow.start_run():
-        info = mlflow.pytorch.log_model(
-            model, name="m", signature=infer_signature(digits.x_test[:2], y), input_example=digits.x_test[:2],
-            pip_requirements=["torch"], registered_model_name=name,
-        )  # fmt: skip
-    return f"models:/{name}/{info.registered_model_version}"
+    return testing.register_pytorch(mlflow.get_tracking_uri(), model, digits.x_test[:2], name)
 
 
 def test_policy(calib: Path, evaluation: Path, **overrides: Any) -> dict[str, Any]:
@@ -188,14 +171,6 @@ def test_policy(calib: Path, evaluation: Path, **overrides: Any) -> dict[str, An
 test_policy.__test__ = False  # type: ignore[attr-defined]
 
 
-def model_versions(tracking_uri: str) -> list[tuple[str, str, dict[str, str]]]:
-    """(name, version, tags) of every registered version in the store."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    return sorted((mv.name, str(mv.version), dict(mv.tags)) for mv in client.search_model_versions(max_results=1000))
-
-
 @pytest.fixture()
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
@@ -204,7 +179,7 @@ def rng() -> np.random.Generator:
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
     """Prefect's own test harness: a temporary server and database for the whole test run."""
-    from quantgate.flows.runtime import configure_prefect_env
+    from quantgate.flows.prefect_server import configure_prefect_env
 
     configure_prefect_env()
     from prefect.testing.utilities import prefect_test_harness
@@ -232,7 +207,7 @@ def registered_digits_template(digits_onnx: Path, _empty_store: Path, tmp_path_f
 @pytest.fixture(scope="session")
 def qg_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A QUANTGATE_HOME for CLI subprocesses: they share one local Prefect server, stopped at the end."""
-    from quantgate.flows.runtime import stop_local_server
+    from quantgate.flows.prefect_server import stop_local_server
 
     home = tmp_path_factory.mktemp("qghome")
     try:

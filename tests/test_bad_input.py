@@ -53,8 +53,10 @@ def not_mlflow() -> Iterator[str]:
         (b"[" * 5000 + b"]" * 5000, "nested more than 32 levels deep"),
         (b"gate: {min_speedup: 1e400}\n", "gate.min_speedup: Input should be a finite number"),
         (b"latency: {rounds: 1e23}\n", "latency.rounds"),
+        (b"gate: {checks: {fidelty: {x: 0.9}}}\n", "gate.checks.fidelty: unknown validator 'fidelty'; did you mean"),
+        (b"gate: {checks: {size: {size: 0.5}}}\n", "gate.checks.size.size: this check is set with gate.max_size_ratio"),
     ],
-    ids=["binary", "5000-deep", "min_speedup-1e400", "rounds-1e23"],
+    ids=["binary", "5000-deep", "min_speedup-1e400", "rounds-1e23", "check-of-a-typo", "built-in-check-twice"],
 )
 def test_a_bad_policy_file_is_exit_2(
     tracking_uri: str, digits_uri: str, tmp_path: Path, qg_home: Path, content: bytes, message: str

@@ -4,30 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 from mlflow import MlflowClient
 
+from quantgate.testing import run_quantgate as run_cli
+from quantgate.testing import write_policy
 from tests.conftest import model_versions, register_onnx, register_pytorch, test_policy
 
-
-def run_cli(args: list[str], tracking_uri: str, home: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update({"MLFLOW_TRACKING_URI": tracking_uri, "QUANTGATE_HOME": str(home)})
-    exe = str(Path(sys.executable).with_name("quantgate"))
-    return subprocess.run([exe, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-def write_policy(path: Path, policy: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(policy))
-    return path
+__all__ = ["assert_clean_failure", "run_cli", "write_policy"]  # shared with the other CLI tests
 
 
 def snapshot(tracking_uri: str) -> list[tuple[str, str, dict[str, str]]]:

@@ -35,7 +35,7 @@ def test_secrets_are_created_owner_only_and_never_rewritten(tmp_path: Path) -> N
 
 
 def test_the_local_prefect_database_is_owner_only_before_the_server_opens_it(tmp_path: Path) -> None:
-    from quantgate.flows.runtime import _paths, _server_env
+    from quantgate.flows.prefect_server import _paths, _server_env
 
     paths = _paths(tmp_path / "home")
     env = _server_env(paths, 4999)

@@ -1,4 +1,5 @@
 from pathlib import Path
+from typing import Any
 
 from quantgate import pipeline
 from quantgate.data import NpzDataset
@@ -8,8 +9,15 @@ from quantgate.model import ModelInfo, read_model_info
 from quantgate.plugins.base import Calibration, Candidate, Recipe
 from quantgate.plugins.onnxruntime import OnnxRuntimeBackend
 from quantgate.policy import parse_policy
-from quantgate.validators.base import collect_outputs
-from tests.conftest import test_policy
+from quantgate.validators.base import (
+    CheckSpec,
+    Measurement,
+    Threshold,
+    check_declarations,
+    collect_outputs,
+    load_validators,
+)
+from tests.conftest import FAST_LATENCY, test_policy
 
 
 class NeedsGpu(OnnxRuntimeBackend):
@@ -91,3 +99,42 @@ def test_latency_figures_name_the_block_length_and_carry_cold_start_and_runner_o
     assert m["first_call_speedup"] > 0
     assert 0 <= m["runner_overhead_ms"] < m["runner_trivial_call_ms"] + 1e-9
     assert f"warm blocks of {int(m['block_calls'])} calls" in run.result.verdict.checks[-2].detail
+
+
+class Loud:
+    """A third-party validator that reports a metric named like the latency validator's and gates on it."""
+
+    name = "loud"
+
+    def applies(self, ctx: Any) -> bool:
+        return True
+
+    def checks(self) -> tuple[CheckSpec[Any], ...]:
+        return (CheckSpec("claimed", "speedup", "max", Threshold),)
+
+    def measure(self, ctx: Any) -> Measurement:
+        return Measurement(self.name, {"speedup": 99.0})
+
+
+def test_built_in_metrics_keep_their_documented_names_and_a_third_partys_cannot_overwrite_them(
+    digits_onnx: Path, calib_npz: Path, eval_npz: Path, tmp_path: Path
+) -> None:
+    latency = {**FAST_LATENCY, "batch_sizes": [1, 4], "cold_starts": 1}
+    gate = {"min_speedup": 0.1, "checks": {"loud": {"claimed": 100}}}
+    policy = parse_policy(test_policy(calib_npz, eval_npz, latency=latency, gate=gate))
+    model = read_model_info(digits_onnx)
+    data = pipeline.DataSets(NpzDataset.open(calib_npz), NpzDataset.open(eval_npz), "c", "e")
+    backend = OnnxRuntimeBackend()
+    cand = backend.baseline(model, tmp_path)
+    runner = backend.runner(cand, threads=1)
+    base = pipeline.Baseline(backend, cand, runner, collect_outputs(runner, data.evaluation, None))
+    recipe = next(r for r in backend.recipes(model) if r.name == "int8-static-qdq-minmax-perchannel")
+    validators = [*load_validators(), Loud()]
+    check_declarations(validators)
+    run = pipeline.evaluate(base, recipe, model, data, policy, detect(), tmp_path, validators)
+    m = run.result.metrics
+    assert [k for k in m if "." in k] == ["loud.speedup"]  # every built-in figure under its own, documented name
+    assert m["loud.speedup"] == 99.0 and 0 < m["speedup"] < 99.0
+    assert {"speedup_b4", "latency_p50_ms_b4", "first_call_ms", "accuracy_drop", "fidelity_min", "size_ratio"} <= set(m)
+    claimed = next(c for c in run.result.verdict.checks if c.name == "claimed")
+    assert claimed.passed and claimed.detail == "loud.speedup 99, at most 100 allowed"

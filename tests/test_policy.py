@@ -68,3 +68,8 @@ def test_qat_settings_change_the_policy_hash_only_when_set() -> None:
     assert Policy().digest() == Policy.model_validate({"qat": {}, "data": {"training": None}}).digest()
     assert Policy.model_validate({"qat": {"epochs": 9}}).digest() != Policy().digest()
     assert Policy.model_validate({"data": {"training": "t.npz"}}).digest() != Policy().digest()
+
+
+def test_gate_checks_change_the_policy_hash_only_when_set() -> None:
+    assert Policy().digest() == Policy.model_validate({"gate": {"checks": {}}}).digest()
+    assert Policy.model_validate({"gate": {"checks": {"energy": {"max_ratio": 0.9}}}}).digest() != Policy().digest()

@@ -15,8 +15,8 @@ from mlflow import MlflowClient
 from quantgate import report, review
 from quantgate.errors import InputError, ModelNotFound
 from quantgate.flows.compress import compress_model
+from quantgate.names import REPORT_FILES
 from quantgate.registry import SourceVersion
-from quantgate.tracking import REPORT_FILES
 from tests.conftest import register_onnx, test_policy
 from tests.test_cli import run_cli
 

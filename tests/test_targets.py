@@ -116,11 +116,11 @@ def test_a_failed_step_fails_only_its_own_recipes_and_is_not_hardware_checked() 
     policy = parse_policy({"backends": ["onnxruntime", "openvino"], "targets": {"openvino": {"pool": "p"}}})
     recipe = Recipe.make("openvino", "int8-ptq-performance", "int8")
     planned = [PlannedRecipe("openvino", recipe), PlannedRecipe("openvino", Recipe.make("openvino", "fp16-ir", "fp16"))]
-    outcome = targets.failed_step("p", planned, "no worker picked it up", XEON, True, policy)
+    outcome = targets.failed_step("p", planned, "no worker picked it up", XEON)
     assert [r.recipe.name for r in outcome.results] == ["int8-ptq-performance", "fp16-ir"]
     checked = outcome.checked(policy)
     assert all(not r.passed and r.verdict.reasons == ["no worker picked it up"] for r in checked)
-    missing = targets.failed_step("p", [PlannedRecipe("openvino", None, "not installed")], "why", XEON, True, policy)
+    missing = targets.failed_step("p", [PlannedRecipe("openvino", None, "not installed")], "why", XEON)
     assert [r.recipe.name for r in missing.results] == ["(step failed)"]
 
 

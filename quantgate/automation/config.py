@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from quantgate import names
 from quantgate.errors import PolicyError
 from quantgate.policy import (
     IntakePolicy,
@@ -24,9 +25,6 @@ from quantgate.policy import (
     validation_message,
 )
 from quantgate.redact import redact
-
-DATA_TAGS = ("quantgate.calibration", "quantgate.evaluation")
-MANAGED_TAG = "quantgate.managed"
 
 
 class _Strict(BaseModel):
@@ -141,15 +139,15 @@ def select(
     model_tags: Mapping[str, str],
 ) -> tuple[Rule | None, str]:
     """The first rule that selects this model version, or ``None`` and why not."""
-    if tags.get(MANAGED_TAG) == "true" or model_tags.get(MANAGED_TAG) == "true":
+    if tags.get(names.MANAGED) == "true" or model_tags.get(names.MANAGED) == "true":
         return None, "quantgate's own output"
     for rule in config.rules:
         if not rule.matches(name, tags, aliases):
             continue
         if rule.require_data_tags:
             data = config.policy_for(rule).data
-            named = {"quantgate.calibration": data.calibration, "quantgate.evaluation": data.evaluation}
-            missing = [t for t in DATA_TAGS if not named[t] and not tags.get(t)]
+            named = {names.CALIBRATION: data.calibration, names.EVALUATION: data.evaluation}
+            missing = [t for t in names.DATA_TAGS.values() if not named[t] and not tags.get(t)]
             if missing:
                 return None, f"waiting for data tags: {', '.join(missing)}"
         return rule, f"selected by rule name={rule.name!r}"

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from quantgate.automation.config import DATA_TAGS, AutomationConfig, Rule, select
+from quantgate import names
+from quantgate.automation.config import AutomationConfig, Rule, select
 from quantgate.hardware import backend_versions
 from quantgate.policy import Policy
 from quantgate.registry import all_pages, flow_tracking_uri
@@ -51,7 +52,7 @@ def idempotency_key(info: VersionInfo, policy: Policy, libraries: Mapping[str, s
         "name": info.name,
         "version": info.version,
         "policy": policy.digest(),
-        "data": {t: info.tags.get(t, "") for t in DATA_TAGS},
+        "data": {t: info.tags.get(t, "") for t in names.DATA_TAGS.values()},
         "libraries": dict(sorted(libraries.items())),
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
@@ -82,7 +83,7 @@ def trigger(info: VersionInfo, rule: Rule, config: AutomationConfig, tracking_ur
 
     policy = config.policy_for(rule)
     base = idempotency_key(info, policy, backend_versions())
-    retry = info.tags.get("quantgate.failure") != "input"
+    retry = info.tags.get(names.FAILURE) != "input"
     for attempt in range(1, MAX_ATTEMPTS + 1):
         key = base if attempt == 1 else f"{base}-r{attempt}"
         flow_run: Any = run_deployment(
@@ -109,9 +110,9 @@ def already_compressed(info: VersionInfo, policy: Policy) -> bool:
     """This version has a result for this policy and these backend versions (recorded on the source version)."""
     tags = info.tags
     return (
-        tags.get("quantgate.outcome") in ("promoted", "none_passed")
-        and tags.get("quantgate.policy_hash") == policy.digest()
-        and tags.get("quantgate.backend_versions") == json.dumps(backend_versions(), sort_keys=True)
+        tags.get(names.OUTCOME) in ("promoted", "none_passed")
+        and tags.get(names.POLICY_HASH) == policy.digest()
+        and tags.get(names.BACKEND_VERSIONS) == json.dumps(backend_versions(), sort_keys=True)
     )
 
 
@@ -151,4 +152,4 @@ def consider(client: Any, config: AutomationConfig, tracking_uri: str, name: str
 
 def relevant_tag(config: AutomationConfig, key: str) -> bool:
     """A tag change that can change a selection: data tags and any tag a rule selects on."""
-    return key in DATA_TAGS or any(key in rule.tags for rule in config.rules)
+    return key in names.DATA_TAGS.values() or any(key in rule.tags for rule in config.rules)

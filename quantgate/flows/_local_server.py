@@ -4,7 +4,7 @@ Serves Prefect's own server app (``prefect.server.api.server:create_app``, as Pr
 ``SubprocessASGIServer`` does) with uvicorn on 127.0.0.1, and exits by itself once no HTTP or
 websocket connection has been seen for ``--idle-timeout`` seconds, or once ``--state-file`` no
 longer names it (an orphan nobody can find). Started and found by
-:mod:`quantgate.flows.runtime`; not meant to be run by hand.
+:mod:`quantgate.flows.prefect_server`; not meant to be run by hand.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""The ``compress-model`` Prefect flow: orchestration only; every step is a function in quantgate.pipeline."""
+"""The ``compress-model`` Prefect flow: orchestration only; every step is a function of the domain (quantgate.pipeline,
+quantgate.candidates, quantgate.targets), wrapped here in a task."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -13,19 +14,18 @@ from uuid import UUID
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from quantgate import pipeline, qat, qat_search, registry, report, search, targets, tracking
-from quantgate.build import BuildWorker
-from quantgate.cache import CandidateCache, RunKey
-from quantgate.errors import BackendError, InfrastructureError, InputError, infrastructure_cause
-from quantgate.flows import dispatch, orphans
+from quantgate import candidates, gate, pipeline, qat, registry, report, search, targets, tracking
+from quantgate.candidates import RunContext
+from quantgate.errors import InfrastructureError, InputError, infrastructure_cause
+from quantgate.flows import orphans, step_runs
 from quantgate.flows.locks import PrefectLock
 from quantgate.hardware import Hardware, detect
 from quantgate.model import ModelInfo
 from quantgate.pipeline import Baseline, DataSets, Intake, PlannedRecipe
-from quantgate.plugins.base import Candidate, model_files, reference_name
+from quantgate.plugins.base import Candidate
 from quantgate.policy import Policy, parse_policy
 from quantgate.result import CandidateResult, CompressionResult
-from quantgate.validators.base import Validator, load_validators
+from quantgate.validators.base import load_validators
 from quantgate.workdir import run_workdir
 
 log = logging.getLogger("quantgate")
@@ -70,14 +70,9 @@ def data_task(policy: Policy, source: registry.SourceVersion, model: ModelInfo, 
 
 
 @task(name="baseline", task_run_name="baseline-{backend}", cache_policy=NO_CACHE, persist_result=False)
-def baseline_task(
-    backend: str, model: ModelInfo, data: DataSets, policy: Policy, workdir: Path, reference: Baseline | None
-) -> Baseline | str:
+def baseline_task(backend: str, ctx: RunContext, reference: Baseline | None) -> Baseline | str:
     """The baseline, or why it failed (returned, not raised: one runtime's failure is a result, not a crash)."""
-    try:
-        return pipeline.baseline_for(backend, model, data, policy, workdir, reference)
-    except BackendError as exc:
-        return str(exc)
+    return candidates.measure_baseline(backend, ctx, reference)
 
 
 @task(
@@ -89,30 +84,26 @@ def baseline_task(
 def candidate_task(
     planned: PlannedRecipe,
     base: Baseline,
-    model: ModelInfo,
-    data: DataSets,
-    policy: Policy,
-    hardware: Hardware,
-    workdir: Path,
-    validators: list[Validator],
+    ctx: RunContext,
     state: pipeline.SearchState | None = None,
     prebuilt: Candidate | None = None,
 ) -> pipeline.CandidateRun:
     """``base``: the backend's FP32 baseline, or ONNX Runtime's for a recipe this host can only prepare;
     ``prebuilt``: a variant of a measured candidate (nothing to build)."""
-    if planned.prepare_only:
-        return pipeline.evaluate_prepared(planned, base, model, data, policy, hardware, workdir, validators)
-    assert planned.recipe is not None
-    return pipeline.evaluate(base, planned.recipe, model, data, policy, hardware, workdir, validators, state, prebuilt)
+    return candidates.measure_candidate(planned, base, ctx, state, prebuilt)
 
 
 # The same task under its own name, so the Prefect UI says which recipes only ran their host-independent step.
 prepared_task = candidate_task.with_options(name="prepare-and-check")
 
+# The search's steps as task runs of this flow.
+TASK_STEPS = candidates.Steps(baseline=baseline_task, candidate=candidate_task, prepare=prepared_task)
+
 
 @task(name="gate", cache_policy=NO_CACHE, persist_result=False)
 def gate_task(results: list[CandidateResult]) -> CandidateResult | None:
-    return pipeline.promote(results)
+    """The candidate to promote (the fastest passing one), or ``None``; the results are left as they are."""
+    return pipeline.winner(results)
 
 
 @task(name="register", cache_policy=NO_CACHE, persist_result=False, **MLFLOW_RETRY)
@@ -165,96 +156,6 @@ class Clock:
 
     def total(self) -> float:
         return time.perf_counter() - self._start
-
-
-def run_candidates(
-    planned: list[PlannedRecipe],
-    taken: Intake,
-    data: DataSets,
-    policy: Policy,
-    hardware: Hardware,
-    workdir: Path,
-    validators: list[Validator],
-    progress: ProgressArtifact | None = None,
-) -> tuple[list[CandidateResult], float, float]:
-    """Every planned recipe searched here, best expected value first, within the policy's search budget;
-    returns (results in plan order, compress_s, validate_s)."""
-    results: dict[int, CandidateResult] = {}
-    compress_s = validate_s = 0.0
-    baselines: dict[str, Baseline | str] = {}  # a str says why that backend's FP32 baseline failed
-    runnable = [i for i, p in enumerate(planned) if p.recipe is not None]
-    model_bytes = sum(f.stat().st_size for f in model_files(taken.model.path))
-    state = pipeline.SearchState.for_policy(policy, len(runnable), model_bytes)
-    if policy.search.cache:
-        state.cache = CandidateCache()
-        state.run_key = RunKey.make(taken.model.path, data.calibration.path, data.evaluation.path, hardware, policy)
-
-    def baseline(name: str) -> Baseline | str:
-        nonlocal validate_s
-        if name not in baselines:
-            reference = baseline(reference_name()) if name != reference_name() else None
-            t = time.perf_counter()
-            state.emit("baseline", name)
-            # A str result (e.g. a graph this runtime cannot convert) fails that backend's recipes; others go on.
-            baselines[name] = baseline_task(
-                name, taken.model, data, policy, workdir, reference if isinstance(reference, Baseline) else None
-            )
-            validate_s += time.perf_counter() - t
-        return baselines[name]
-
-    has_labels = data.evaluation.has_labels
-    for i, item in enumerate(planned):
-        if item.recipe is None:
-            results[i] = pipeline.unavailable_result(item, hardware, has_labels, policy)
-    fallback = qat_search.setup(planned, taken, data, policy, state)  # QAT, if no post-training candidate holds
-    if progress is not None:
-        state.listeners.append(progress.on_event)
-    pending = [search.Planned(i, p.recipe, search.model_prior(p.recipe, taken.model))
-               for i, p in enumerate(planned) if p.recipe is not None]  # fmt: skip
-    # Sequential on purpose: latency is measured on this host, and parallel candidates would disturb it.
-    with BuildWorker() as worker:
-        state.worker = worker
-        while pending:
-            if policy.search.specialize_shapes and state.budget.seconds is not None:
-                live = {n: b for n, b in baselines.items() if isinstance(b, Baseline)}
-                wanted = bool(pipeline.shape_variants(list(results.values()), live))
-                state.budget.reserved = search.SPECIALIZE_RESERVE * state.budget.seconds if wanted else 0.0
-            pick = pending.pop(state.pick(pending))
-            item = planned[pick.index]
-            assert item.recipe is not None
-            state.index += 1
-            base = baseline(reference_name() if item.prepare_only else item.backend)
-            if isinstance(base, str):
-                results[pick.index] = pipeline.failed_result(item.recipe, base, hardware, has_labels, policy)
-                continue
-            step = prepared_task if item.prepare_only else candidate_task
-            run = step(item, base, taken.model, data, policy, hardware, workdir, validators, state)
-            compress_s += run.compress_s
-            validate_s += run.validate_s
-            results[pick.index] = run.result
-            if progress is not None:
-                progress.update(state)
-            if not pending and fallback and qat_search.fallback_due(state):
-                pending, fallback = qat_search.enqueue(planned, fallback, state), []
-    state.budget.reserved = 0.0
-    ready = {name: b for name, b in baselines.items() if isinstance(b, Baseline)}
-    if policy.search.specialize_shapes:
-        variants = pipeline.shape_variants(list(results.values()), ready)
-        state.total += len(variants)
-        for base, variant in variants:
-            state.index += 1
-            item = PlannedRecipe(variant.recipe.backend, variant.recipe)
-            run = candidate_task(item, base, taken.model, data, policy, hardware, workdir, validators, state, variant)
-            validate_s += run.validate_s
-            results[len(planned) + state.index] = run.result
-            if progress is not None:
-                progress.update(state)
-    state.emit("playoff", "")
-    pipeline.playoff(list(results.values()), ready, data, policy, state.budget)
-    state.emit("done", "")
-    if progress is not None:
-        progress.finish(state)
-    return [results[i] for i in sorted(results)], compress_s, validate_s
 
 
 def _progress_artifact(key: str) -> ProgressArtifact | None:
@@ -310,13 +211,13 @@ def start_parent_task(
 
 
 @task(name="start-step", task_run_name="start-step-{pool}", cache_policy=NO_CACHE, persist_result=False)
-def start_step_task(pool: str, parameters: dict[str, Any], key: str) -> dispatch.StepRun:
-    return dispatch.start(pool, parameters, key)
+def start_step_task(pool: str, parameters: dict[str, Any], key: str) -> step_runs.StepRun:
+    return step_runs.start(pool, parameters, key)
 
 
 @task(name="wait-step", task_run_name="wait-step-{step.pool}", cache_policy=NO_CACHE, persist_result=False)
-def wait_step_task(step: dispatch.StepRun, deadline: float) -> str | None:
-    return dispatch.wait(step, deadline)
+def wait_step_task(step: step_runs.StepRun, deadline: float) -> str | None:
+    return step_runs.wait(step, deadline)
 
 
 @task(name="read-step", task_run_name="read-step-{pool}", cache_policy=NO_CACHE, persist_result=False, **MLFLOW_RETRY)
@@ -325,14 +226,12 @@ def read_step_task(tracking_uri: str, parent_id: str, pool: str) -> dict[str, An
 
 
 def _collect_step(
-    step: dispatch.StepRun,
+    step: step_runs.StepRun,
     deadline: float,
     tracking_uri: str,
     parent_id: str,
     planned: list[PlannedRecipe],
     hardware: Hardware,
-    has_labels: bool,
-    policy: Policy,
 ) -> targets.StepOutcome:
     """Wait for one pool's step and rebuild its candidates; a step that failed fails only its own recipes."""
     why = wait_step_task(step, deadline)
@@ -341,7 +240,7 @@ def _collect_step(
             return targets.read_step_document(step.pool, read_step_task(tracking_uri, parent_id, step.pool))
         except Exception as exc:  # any unreadable result is that pool's failure, reported as such
             why = f"the step in pool {step.pool} completed but its results could not be read: {exc}"
-    return targets.failed_step(step.pool, planned, why, hardware, has_labels, policy)
+    return targets.failed_step(step.pool, planned, why, hardware)
 
 
 def _start_steps(
@@ -351,7 +250,7 @@ def _start_steps(
     policy: Policy,
     tracking_uri: str,
     parent_id: str,
-) -> list[tuple[dispatch.StepRun, float]]:
+) -> list[tuple[step_runs.StepRun, float]]:
     """Each pool's step with the deadline of its slowest target; the data URIs are pinned for every step."""
     with_data = policy.with_data(data.calibration_uri, data.evaluation_uri, data.training_uri or None)
     pinned = with_data.model_dump(mode="json")
@@ -377,6 +276,8 @@ def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: 
     by a step flow run in their pool, started before the local candidates and gated here with them.
     """
     clock = Clock()
+    validators = tuple(load_validators())  # entry points are read once per run, not once per candidate
+    gate.configure(policy.gate, validators)  # the policy's checks against what they declare, before any work
     source = resolve_task(model_uri, tracking_uri)
     clock.lap("resolve")
     taken = intake_task(source, workdir, policy.intake.allow_pickle)
@@ -385,43 +286,36 @@ def run_compression(model_uri: str, policy: Policy, tracking_uri: str, workdir: 
     hardware = detect()
     planned = pipeline.plan(policy, taken.model)
     qat.refuse_flavor([p.recipe for p in planned], taken.flavor, source.uri)
-    validators = load_validators()  # entry points are read once per run, not once per candidate
     clock.lap("data")
-    here = dispatch.current_pool() if policy.targets else None
-    remote = {
-        pool: backends
-        for pool, backends in policy.pools().items()
-        if pool != here and any(p.backend in backends for p in planned)
-    }
+    split = targets.split(planned, policy, step_runs.current_pool() if policy.targets else None)
+    remote = split.remote
     parent_id = start_parent_task(tracking_uri, source, policy, hardware, data) if remote else None
     try:
         steps = _start_steps(remote, source, data, policy, tracking_uri, parent_id) if parent_id else []
-        routed = {b for backends in remote.values() for b in backends}
-        local = [p for p in planned if p.backend not in routed]
         key = report.artifact_key({"source": {"name": source.name, "version": source.version}}) + "-progress"
-        results, compress_s, validate_s = run_candidates(
-            local, taken, data, policy, hardware, workdir, validators, _progress_artifact(key)
+        ctx = RunContext(taken, data, policy, hardware, workdir, validators)
+        results, compress_s, validate_s = candidates.run_candidates(
+            split.local, ctx, TASK_STEPS, _progress_artifact(key)
         )
         results = targets.check_targets(results, policy)
         clock.lap("candidates")
-        has_labels = data.evaluation.has_labels
         for step, deadline in steps:
             mine = [p for p in planned if p.backend in remote[step.pool]]
             assert parent_id is not None
-            outcome = _collect_step(step, deadline, tracking_uri, parent_id, mine, hardware, has_labels, policy)
+            outcome = _collect_step(step, deadline, tracking_uri, parent_id, mine, hardware)
             results.extend(outcome.checked(policy))
             compress_s += outcome.timings.get("compress_s", 0.0)
             validate_s += outcome.timings.get("validate_s", 0.0)
         clock.lap("steps")
         order = {b: i for i, b in enumerate(policy.backends)}
         results.sort(key=lambda r: order.get(r.backend, len(order)))  # policy order, as without target pools
-        gate_task(results)
+        winner = gate_task(results)
         result = CompressionResult(
             source=source,
             flavor=taken.flavor,
             policy_hash=policy.digest(),
             hardware=hardware,
-            candidates=results,
+            candidates=[replace(r, promoted=True) if r is winner else r for r in results],
             experiment=policy.registry.experiment,
             tracking_uri=tracking_uri,
         )

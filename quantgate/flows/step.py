@@ -13,9 +13,10 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from quantgate import pipeline, registry, targets, tracking
+from quantgate import candidates, gate, pipeline, registry, targets, tracking
+from quantgate.candidates import RunContext
 from quantgate.flows import orphans
-from quantgate.flows.compress import MLFLOW_RETRY, Clock, data_task, intake_task, resolve_task, run_candidates
+from quantgate.flows.compress import MLFLOW_RETRY, TASK_STEPS, Clock, data_task, intake_task, resolve_task
 from quantgate.hardware import detect
 from quantgate.model import ModelInfo
 from quantgate.policy import Policy, parse_policy
@@ -38,12 +39,15 @@ def run_step(
     from prefect.runtime import flow_run
 
     clock = Clock()
+    validators = tuple(load_validators())
+    gate.configure(policy.gate, validators)
     source = resolve_task(model_uri, tracking_uri)
     taken = intake_task(source, workdir, policy.intake.allow_pickle)
     data = data_task(policy, source, taken.model, workdir)
     hardware = detect()
     planned = pipeline.plan(policy, taken.model, backends)
-    results, compress_s, validate_s = run_candidates(planned, taken, data, policy, hardware, workdir, load_validators())
+    ctx = RunContext(taken, data, policy, hardware, workdir, validators)
+    results, compress_s, validate_s = candidates.run_candidates(planned, ctx, TASK_STEPS)
     timings = {"compress_s": compress_s, "validate_s": validate_s, "step_s": clock.total()}
     doc = targets.step_document(pool, str(flow_run.id or "") or None, hardware, results, timings)
     log_step_task(tracking_uri, parent_run_id, source.uri, results, taken.model, doc)

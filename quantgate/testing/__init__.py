@@ -1,4 +1,6 @@
-"""What a plugin author needs to know their plugin works: contract suites to subclass, and a small model with data.
+"""What a plugin author needs to know their plugin works: contract suites to subclass, a small model with data, and
+a sandbox that runs the real CLI end to end (``quantgate.testing.sandbox``: a throwaway MLflow store, ``quantgate
+compress --json`` in a subprocess, ``mlflow models serve`` of what it registered).
 
 In your package's tests::
 
@@ -28,14 +30,43 @@ from quantgate.data import NpzDataset
 from quantgate.errors import BackendError, BackendUnavailable
 from quantgate.model import ModelInfo, read_model_info
 from quantgate.plugins.base import BACKENDS, Availability, Backend, Calibration, Candidate, Recipe
-from quantgate.validators.base import VALIDATORS, Validator
+from quantgate.testing.sandbox import (
+    CompressRun,
+    Sandbox,
+    free_port,
+    model_versions,
+    predict_rest,
+    register_onnx,
+    register_pytorch,
+    run_quantgate,
+    running_server,
+    serve_model,
+    write_policy,
+)
+from quantgate.validators.base import VALIDATORS, Reading, Threshold, Validator, check_declarations, declared_checks
 
 try:
     import pytest
 except ImportError:  # pragma: no cover - the suites are only collected under pytest
     pytest = None  # type: ignore[assignment]
 
-__all__ = ["BackendContract", "ValidatorContract", "calibration_for", "small_onnx_model"]
+__all__ = [
+    "BackendContract",
+    "CompressRun",
+    "Sandbox",
+    "ValidatorContract",
+    "calibration_for",
+    "free_port",
+    "model_versions",
+    "predict_rest",
+    "register_onnx",
+    "register_pytorch",
+    "run_quantgate",
+    "running_server",
+    "serve_model",
+    "small_onnx_model",
+    "write_policy",
+]
 
 
 def small_onnx_model(path: Path, *, seed: int = 0) -> ModelInfo:
@@ -169,6 +200,19 @@ if pytest is not None:
 
         def test_loads_through_its_entry_point(self, validator: Validator) -> None:
             assert type(VALIDATORS.load(validator.name)) is type(validator)
+
+        def test_its_declarations_clash_with_no_installed_validator(self, validator: Validator) -> None:
+            others = [v for v in VALIDATORS.loadable() if v.name != validator.name]
+            check_declarations([*others, validator])  # a PolicyError names the clash
+
+        def test_its_checks_have_a_schema_and_read_a_missing_metric_as_not_measured(self, validator: Validator) -> None:
+            specs = declared_checks(validator)
+            assert len({s.name for s in specs}) == len(specs)
+            for spec in specs:
+                assert issubclass(spec.settings, Threshold) and spec.bound in ("min", "max"), spec.name
+                settings = spec.settings.model_construct(limit=1.0)  # defaults for its other settings
+                reading = spec.reading({}, settings)
+                assert isinstance(reading, Reading) and reading.value is None, f"{spec.name} read a value from nothing"
 
 
 def __getattr__(name: str) -> Any:

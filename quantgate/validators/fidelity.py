@@ -1,10 +1,15 @@
-"""Output fidelity: mean cosine similarity of candidate outputs to the FP32 outputs, sample by sample."""
+"""Output fidelity: mean cosine similarity of candidate outputs to the FP32 outputs, sample by sample; the
+``fidelity`` gate check."""
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from quantgate.validators.base import Measurement, ValidationContext
+import numpy as np
+from pydantic import Field
+
+from quantgate.validators.base import CheckSpec, Measurement, Reading, Threshold, ValidationContext
 
 
 def cosine_per_row(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -18,11 +23,38 @@ def cosine_per_row(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(cos)
 
 
+class FidelitySettings(Threshold):
+    """``limit``: the least mean cosine similarity to the FP32 outputs (gate.min_fidelity)."""
+
+    limit: float = Field(ge=-1.0, le=1.0)
+
+
+def read_fidelity(m: Mapping[str, float], s: FidelitySettings) -> Reading:
+    if "fidelity" not in m:
+        return Reading(None, "fidelity")
+    value = m["fidelity"]
+    return Reading(value, "fidelity", f"fidelity (mean cosine) {value:.5f}, at least {s.limit:.5f} required")
+
+
+FIDELITY = CheckSpec(
+    name="fidelity",
+    metric="fidelity",
+    bound="min",
+    settings=FidelitySettings,
+    description="mean cosine similarity of the outputs to FP32's (gate.min_fidelity)",
+    read=read_fidelity,
+)
+
+
 class FidelityValidator:
     name = "fidelity"
+    metric_names = ("fidelity", "fidelity_min")
 
     def applies(self, ctx: ValidationContext) -> bool:
         return True
+
+    def checks(self) -> Sequence[CheckSpec[Any]]:
+        return (FIDELITY,)
 
     def measure(self, ctx: ValidationContext) -> Measurement:
         base, cand = ctx.baseline_outputs.outputs, ctx.candidate_outputs.outputs

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,8 @@ from quantgate.data import NpzDataset
 from quantgate.errors import BackendError, BackendUnavailable
 from quantgate.plugins.base import BareCall, Runner, reference_name
 from quantgate.policy import LatencyPolicy
-from quantgate.validators.base import LatencyTarget, Measurement, ValidationContext
+from quantgate.validators import speedup
+from quantgate.validators.base import CheckSpec, LatencyTarget, Measurement, ValidationContext
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +335,7 @@ def latency_batch(evaluation: NpzDataset, size: int) -> dict[str, np.ndarray]:
 
 class LatencyValidator:
     name = "latency"
+    metric_names = speedup.METRIC_NAMES  # what it declares lives in speedup.py
 
     def __init__(self) -> None:
         # Per run (validators are loaded once per compression run): the baseline's cold start and each runner type's
@@ -342,6 +345,9 @@ class LatencyValidator:
 
     def applies(self, ctx: ValidationContext) -> bool:
         return True
+
+    def checks(self) -> Sequence[CheckSpec[Any]]:
+        return (speedup.SPEEDUP,)
 
     def measure(self, ctx: ValidationContext) -> Measurement:
         cfg = ctx.latency

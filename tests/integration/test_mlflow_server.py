@@ -2,49 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from quantgate.testing import predict_rest as _invoke
+from quantgate.testing import serve_model as _served
 from tests.conftest import register_onnx, test_policy
-from tests.integration.conftest import _free_port, running_process
 
 pytestmark = pytest.mark.slow
-
-
-@contextlib.contextmanager
-def _served(model_uri: str, tracking: str, workdir: Path) -> Iterator[str]:
-    """`mlflow models serve` in this environment (``--env-manager local``) on a free port on 127.0.0.1."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_TRACKING_URI=tracking, MLFLOW_DISABLE_TELEMETRY="true")
-    # `mlflow models serve` execs `uvicorn` from PATH, as in an activated environment.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    argv = [
-        str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", model_uri, "--env-manager", "local",
-        "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    with running_process(argv, env, workdir, port, "/ping", f"mlflow models serve {model_uri}") as url:
-        yield url
-
-
-def _invoke(url: str, payload: dict[str, object]) -> dict[str, object]:
-    request = urllib.request.Request(
-        url + "/invocations", json.dumps(payload).encode(), {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=60) as resp:
-        answer: dict[str, object] = json.loads(resp.read())
-    return answer
 
 
 def test_compress_against_a_real_tracking_server_registers_a_servable_version(

@@ -60,7 +60,7 @@ def _database_text(uri: str) -> str:
 def test_no_password_in_any_output_tag_artifact_prefect_parameter_or_log(
     postgres_store: str, digits_onnx: Path, calib_npz: Path, eval_npz: Path, tmp_path: Path
 ) -> None:
-    from quantgate.flows.runtime import stop_local_server
+    from quantgate.flows.prefect_server import stop_local_server
 
     work = tmp_path / "work"
     work.mkdir()

@@ -9,7 +9,9 @@ from quantgate.plugins.onnxruntime import OnnxRuntimeBackend
 from quantgate.plugins.openvino import OpenVinoBackend
 from quantgate.plugins.tensorrt import TensorRtBackend
 from quantgate.testing import BackendContract, ValidatorContract
+from quantgate.validators.accuracy import AccuracyValidator
 from quantgate.validators.base import Validator
+from quantgate.validators.fidelity import FidelityValidator
 from quantgate.validators.latency import LatencyValidator
 from quantgate.validators.size import SizeValidator
 
@@ -32,7 +34,7 @@ class TestTensorRtContract(BackendContract):
         return TensorRtBackend()
 
 
-@pytest.mark.parametrize("factory", [LatencyValidator, SizeValidator])
+@pytest.mark.parametrize("factory", [AccuracyValidator, FidelityValidator, LatencyValidator, SizeValidator])
 class TestValidatorContract(ValidatorContract):
     @pytest.fixture()
     def validator(self, factory: type) -> Validator:

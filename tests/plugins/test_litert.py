@@ -1,14 +1,15 @@
 """The LiteRT backend on the seeds' example: a MobileNetV2 (torchvision's architecture) trained briefly on generated
-images, registered as a pytorch model, compressed to full-integer INT8 ``.tflite`` through the real CLI.
+images, registered as a pytorch model, compressed to full-integer INT8 ``.tflite`` through the real CLI (in
+quantgate.testing's sandbox, as a plugin author would test it).
 
 Full-integer INT8 must hold a 1-point accuracy gate and be faster than the FP32 ``.tflite`` on the same interpreter
 at batch 1 (the gate's lower confidence bound, not the point estimate); the registered version must load with
-``mlflow.pyfunc.load_model`` and predict like the candidate did.
+``mlflow.pyfunc.load_model``, predict like the candidate did, and answer the same over REST from ``mlflow models
+serve``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import model_versions
-from tests.test_cli import run_cli, write_policy
+from quantgate.testing import Sandbox, predict_rest
 
 pytest.importorskip("ai_edge_litert")
 pytest.importorskip("litert_torch")
@@ -70,60 +70,50 @@ def mobilenet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"model": model, "x": x_eval, "y": y_eval, "calib": d / "calibration.npz", "eval": d / "evaluation.npz"}
 
 
-def _register(model: Any, x: np.ndarray) -> str:
-    import mlflow
-    import torch
-    from mlflow.models import infer_signature
-
-    with torch.no_grad():
-        y = model(torch.from_numpy(x[:2])).numpy()
-    mlflow.set_experiment("training")
-    with mlflow.start_run():
-        info = mlflow.pytorch.log_model(
-            model, name="m", signature=infer_signature(x[:2], y), input_example=x[:2],
-            pip_requirements=["torch"], registered_model_name="mobilenet",
-        )  # fmt: skip
-    return f"models:/mobilenet/{info.registered_model_version}"
-
-
 def test_full_integer_int8_holds_a_one_point_gate_and_beats_fp32_tflite_at_batch_1(
-    mobilenet: dict[str, Any], tracking_uri: str, tmp_path: Path, qg_home: Path
+    mobilenet: dict[str, Any], tmp_path: Path, qg_home: Path
 ) -> None:
-    import mlflow.pyfunc
+    with Sandbox(tmp_path / "sandbox", home=qg_home) as box:
+        source = box.register_pytorch(mobilenet["model"], mobilenet["x"][:2], "mobilenet")
+        policy = {
+            "backends": ["litert"],
+            "recipes": ["int8-full"],
+            "data": {"calibration": str(mobilenet["calib"]), "evaluation": str(mobilenet["eval"])},
+            "latency": {"threads": 1, "warmup": 10, "rounds": 60, "batch_sizes": [1]},
+            "gate": {
+                "max_accuracy_drop": 0.01,
+                "min_speedup": 1.0,
+                "speedup_against": "own_fp32",
+                "speedup_statistic": "ci_low",
+                "max_size_ratio": 0.5,
+            },
+            "search": {"exhaustive": True},
+        }
+        run = box.compress(source, policy)
+        # Exactly one JSON document on stdout: the converter's progress is not there.
+        assert run.document is not None, f"exit {run.exit_code}: {run.stdout[:500]} {run.stderr[-1500:]}"
+        cand = run.candidate("litert", "int8-full")
+        metrics = cand["metrics"]
+        figures = (
+            f"accuracy {metrics.get('accuracy')} (drop {metrics.get('accuracy_drop')}), "
+            f"INT8 {metrics.get('latency_p50_ms')} ms vs FP32 .tflite {metrics.get('baseline_latency_p50_ms')} ms, "
+            f"speedup {metrics.get('speedup')} (CI low {metrics.get('speedup_ci_low')}): {cand['reasons']}"
+        )
+        assert run.exit_code == 0 and cand["passed"], figures
+        uri = run.document["promoted_uri"]
+        assert uri == "models:/mobilenet-litert-int8/1"
+        assert ("mobilenet-litert-int8", "1") in [(n, v) for n, v, _ in box.versions()]
+        client = MlflowClient(box.tracking_uri)
+        version = client.get_model_version("mobilenet-litert-int8", "1")
+        assert "speedup_vs_ort_fp32" in client.get_run(version.run_id).data.metrics
 
-    source = _register(mobilenet["model"], mobilenet["x"])
-    policy = {
-        "backends": ["litert"],
-        "recipes": ["int8-full"],
-        "data": {"calibration": str(mobilenet["calib"]), "evaluation": str(mobilenet["eval"])},
-        "latency": {"threads": 1, "warmup": 10, "rounds": 60, "batch_sizes": [1]},
-        "gate": {
-            "max_accuracy_drop": 0.01,
-            "min_speedup": 1.0,
-            "speedup_against": "own_fp32",
-            "speedup_statistic": "ci_low",
-            "max_size_ratio": 0.5,
-        },
-        "search": {"exhaustive": True},
-    }
-    path = write_policy(tmp_path / "p.yaml", policy)
-    proc = run_cli(["compress", source, "--policy", str(path), "--json"], tracking_uri, qg_home, tmp_path)
-    assert proc.stdout.startswith("{"), f"exit {proc.returncode}: {proc.stdout[:500]} {proc.stderr[-1500:]}"
-    doc = json.loads(proc.stdout)  # exactly one JSON document on stdout: the converter's progress is not there
-    (cand,) = doc["candidates"]
-    metrics = cand["metrics"]
-    figures = (
-        f"accuracy {metrics.get('accuracy')} (drop {metrics.get('accuracy_drop')}), "
-        f"INT8 {metrics.get('latency_p50_ms')} ms vs FP32 .tflite {metrics.get('baseline_latency_p50_ms')} ms, "
-        f"speedup {metrics.get('speedup')} (CI low {metrics.get('speedup_ci_low')}): {cand['reasons']}"
-    )
-    assert proc.returncode == 0 and cand["passed"], figures
-    assert doc["promoted_uri"] == "models:/mobilenet-litert-int8/1"
-    assert ("mobilenet-litert-int8", "1") in [(n, v) for n, v, _ in model_versions(tracking_uri)]
-    version = MlflowClient(tracking_uri).get_model_version("mobilenet-litert-int8", "1")
-    assert "speedup_vs_ort_fp32" in MlflowClient(tracking_uri).get_run(version.run_id).data.metrics
-
-    served = mlflow.pyfunc.load_model(doc["promoted_uri"])
-    logits = np.asarray(served.predict(mobilenet["x"][:32]))
-    assert logits.shape == (32, CLASSES)
-    assert (logits.argmax(1) == mobilenet["y"][:32]).mean() >= 0.85
+        x = mobilenet["x"][:32]
+        loaded = box.load_model(uri)
+        logits = np.asarray(loaded.predict(x))
+        assert logits.shape == (32, CLASSES)
+        assert (logits.argmax(1) == mobilenet["y"][:32]).mean() >= 0.85
+        # The .tflite as `mlflow models serve` runs it, over REST: the same predictions as the candidate's model.
+        (name,) = loaded.metadata.get_input_schema().input_names()
+        with box.serve(uri) as url:
+            served = np.asarray(predict_rest(url, {"inputs": {name: x.tolist()}})["predictions"])
+        np.testing.assert_allclose(served, logits, rtol=1e-5, atol=1e-5)

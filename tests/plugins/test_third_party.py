@@ -1,26 +1,30 @@
-"""A third party's backend, built into a wheel and pip-installed here, goes through the real CLI end to end.
+"""A third party's backend and validator, built into a wheel and pip-installed here, go through the real CLI end to end.
 
-Nothing in quantgate names it: it is found through its entry point, checked against the protocol, timed against the
-reference runtime, logged by its own ``log_model`` and served by MLflow. Two broken backends in the same wheel are
-refused at load, in one line, while the run with the built-in backend beside them succeeds.
+Nothing in quantgate names them: they are found through their entry points, checked against their protocols, the
+backend timed against the reference runtime, logged by its own ``log_model`` and served by ``mlflow models serve``;
+the validator's declared check gates under ``gate.checks`` and its metrics land under names no built-in one has.
+Two broken backends in the same wheel are refused at load, in one line, while the run with the built-in backend
+beside them succeeds. The tests use only what a plugin author has: ``quantgate.testing``.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import model_versions, register_onnx, test_policy
-from tests.test_cli import run_cli, write_policy
+from quantgate.plugins.base import BACKENDS, Backend
+from quantgate.testing import BackendContract, Sandbox, ValidatorContract, predict_rest
+from quantgate.validators.base import VALIDATORS, Validator
+from tests.conftest import test_policy
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +32,8 @@ PACKAGE = "qg_tiny_backend"
 
 # The plugin's whole source: only quantgate's public plugin API, onnxruntime and mlflow.
 MODULE = '''
-"""A tiny backend: ONNX Runtime's dynamic INT8 on matrix products only, served by its own pyfunc model."""
+"""A tiny backend: ONNX Runtime's dynamic INT8 on matrix products only, served by its own pyfunc model; and a tiny
+validator that gates on how far the candidate's largest output moved from FP32's."""
 
 import warnings
 
@@ -40,6 +45,7 @@ from onnxruntime.quantization import quantize_dynamic
 
 from quantgate.plugins.base import PLUGIN_API_VERSION, Availability, Candidate, Recipe, model_files
 from quantgate.serving import pins
+from quantgate.validators.base import CheckSpec, Measurement, Threshold
 
 
 def _session(path, threads):
@@ -113,6 +119,26 @@ class NoLogModel(TinyBackend):
 class FutureApi(TinyBackend):
     name = "tiny-future"
     plugin_api = PLUGIN_API_VERSION + 1
+
+
+class OutputScale:
+    """The candidate's largest output over FP32's, gated by the policy's gate.checks.outscale.max_output_scale."""
+
+    name = "outscale"
+    plugin_api = PLUGIN_API_VERSION
+    metric_names = ("output_scale",)
+
+    def applies(self, ctx):
+        return True
+
+    def checks(self):
+        return (CheckSpec("max_output_scale", "output_scale", "max", Threshold),)
+
+    def measure(self, ctx):
+        base = float(np.abs(ctx.baseline_outputs.outputs).max())
+        cand = float(np.abs(ctx.candidate_outputs.outputs).max())
+        # "speedup" is not declared: it is published as outscale.speedup, never over the latency validator's.
+        return Measurement(self.name, {"output_scale": cand / base, "speedup": 1000.0})
 '''
 
 PYPROJECT = f"""
@@ -132,6 +158,9 @@ py-modules = ["{PACKAGE}"]
 tiny = "{PACKAGE}:TinyBackend"
 tiny-nolog = "{PACKAGE}:NoLogModel"
 tiny-future = "{PACKAGE}:FutureApi"
+
+[project.entry-points."quantgate.validators"]
+outscale = "{PACKAGE}:OutputScale"
 """
 
 
@@ -140,7 +169,8 @@ def _pip(*args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_backend_installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def tiny_backend_installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The wheel installed into this environment; yields its module (for the contract suites in this process)."""
     src = tmp_path_factory.mktemp("tiny-src")
     (src / f"{PACKAGE}.py").write_text(textwrap.dedent(MODULE))
     (src / "pyproject.toml").write_text(PYPROJECT)
@@ -150,18 +180,44 @@ def tiny_backend_installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator
     (wheel,) = dist.glob("*.whl")
     _pip("install", "--no-deps", "--no-index", str(wheel))
     importlib.invalidate_caches()
+    BACKENDS.refresh()  # this process read its entry points before the wheel was installed
+    VALIDATORS.refresh()
     try:
-        yield
+        yield importlib.import_module(PACKAGE)
     finally:
         _pip("uninstall", "-y", PACKAGE.replace("_", "-"))
         importlib.invalidate_caches()
         sys.modules.pop(PACKAGE, None)
+        BACKENDS.refresh()
+        VALIDATORS.refresh()
+
+
+@pytest.fixture()
+def box(tmp_path: Path, qg_home: Path) -> Iterator[Sandbox]:
+    with Sandbox(tmp_path / "sandbox", home=qg_home) as sandbox:
+        yield sandbox
+
+
+class TestTinyBackendContract(BackendContract):
+    """The contract suite, as the plugin's author would run it in their own package."""
+
+    @pytest.fixture()
+    def backend(self, tiny_backend_installed: Any) -> Backend:
+        plugin: Backend = tiny_backend_installed.TinyBackend()
+        return plugin
+
+
+class TestOutputScaleContract(ValidatorContract):
+    @pytest.fixture()
+    def validator(self, tiny_backend_installed: Any) -> Validator:
+        plugin: Validator = tiny_backend_installed.OutputScale()
+        return plugin
 
 
 def test_backends_lists_the_installed_plugin_and_refuses_the_broken_ones_in_one_line(
-    tiny_backend_installed: None, tmp_path: Path, qg_home: Path
+    tiny_backend_installed: Any, box: Sandbox
 ) -> None:
-    proc = run_cli(["backends"], "sqlite:///x.db", qg_home, tmp_path)
+    proc = box.run("backends")
     assert proc.returncode == 0, proc.stderr
     flat = proc.stdout.replace("│", " ").replace("\n", " ")
     flat = " ".join(flat.split())
@@ -169,65 +225,74 @@ def test_backends_lists_the_installed_plugin_and_refuses_the_broken_ones_in_one_
     assert "yes" in rows["tiny"]
     assert "backend plugin 'tiny-nolog' (qg_tiny_backend:NoLogModel) refused: it lacks log_model" in flat
     assert "backend plugin 'tiny-future' (qg_tiny_backend:FutureApi) refused: written for plugin API 2" in flat
+    validators = box.run("validators")
+    assert validators.returncode == 0, validators.stderr
+    assert "max_output_scale: gate.checks.outscale.max_output_scale" in " ".join(validators.stdout.split())
 
 
-def test_a_third_party_backend_compresses_gates_registers_and_serves(
-    tiny_backend_installed: None,
-    tracking_uri: str,
-    digits_onnx: Path,
-    calib_npz: Path,
-    eval_npz: Path,
+def test_a_third_party_backend_and_validator_compress_gate_register_and_serve(
+    tiny_backend_installed: Any, box: Sandbox, digits_onnx: Path, calib_npz: Path, eval_npz: Path,
     eval_data: dict[str, np.ndarray],
-    tmp_path: Path,
-    qg_home: Path,
-) -> None:
-    import mlflow.pyfunc
+) -> None:  # fmt: skip
+    source = box.register_onnx(digits_onnx, "digits")
+    gate = {
+        "max_accuracy_drop": 0.02,
+        "min_speedup": 0.3,
+        "speedup_against": "own_fp32",
+        "checks": {"outscale": {"max_output_scale": 1.5}},
+    }
+    run = box.compress(source, test_policy(calib_npz, eval_npz, backends=["tiny"], recipes=["int8-matmul"], gate=gate))
+    assert run.exit_code == 0, run.stderr + run.stdout
+    assert run.document is not None
+    cand = run.candidate("tiny", "int8-matmul")
+    assert cand["passed"], cand
+    scale = next(c for c in cand["checks"] if c["name"] == "max_output_scale")
+    metrics = cand["all_metrics"]
+    assert scale["passed"] and scale["detail"] == f"output_scale {metrics['output_scale']:.6g}, at most 1.5 allowed"
+    assert metrics["outscale.speedup"] == 1000.0 and metrics["speedup"] < 100  # the latency validator's, untouched
+    uri = run.document["promoted_uri"]
+    assert uri == "models:/digits-tiny-int8/1"
+    client = MlflowClient(box.tracking_uri)
+    run_metrics = client.get_run(client.get_model_version("digits-tiny-int8", "1").run_id).data.metrics
+    assert "speedup_vs_ort_fp32" in run_metrics  # ranked against the reference runtime like any backend
+    assert run_metrics["outscale.speedup"] == 1000.0
+    assert ("digits-tiny-int8", "1") in [(n, v) for n, v, _ in box.versions()]
 
-    source = register_onnx(tracking_uri, digits_onnx, "digits")
-    gate = {"max_accuracy_drop": 0.02, "min_speedup": 0.3, "speedup_against": "own_fp32"}
-    policy = write_policy(
-        tmp_path / "p.yaml", test_policy(calib_npz, eval_npz, backends=["tiny"], recipes=["int8-matmul"], gate=gate)
-    )
-    proc = run_cli(["compress", source, "--policy", str(policy), "--json"], tracking_uri, qg_home, tmp_path)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    doc = json.loads(proc.stdout)
-    (cand,) = doc["candidates"]
-    assert cand["backend"] == "tiny" and cand["passed"], cand
-    assert doc["promoted_uri"] == "models:/digits-tiny-int8/1"
-    run = MlflowClient(tracking_uri).get_run(
-        MlflowClient(tracking_uri).get_model_version("digits-tiny-int8", "1").run_id
-    )
-    assert "speedup_vs_ort_fp32" in run.data.metrics  # ranked against the reference runtime like any backend
-    assert ("digits-tiny-int8", "1") in [(n, v) for n, v, _ in model_versions(tracking_uri)]
-
-    served = mlflow.pyfunc.load_model(doc["promoted_uri"])
     x = eval_data["input"][:8]
-    got = np.asarray(served.predict(x))
-    assert got.shape[0] == 8
-    assert (got.argmax(axis=1) == eval_data["labels"][:8]).mean() >= 0.75
+    in_process = np.asarray(box.load_model(uri).predict(x))
+    assert (in_process.argmax(axis=1) == eval_data["labels"][:8]).mean() >= 0.75
+    with box.serve(uri) as url:  # `mlflow models serve` with its own pyfunc model, over REST
+        served = np.asarray(predict_rest(url, {"inputs": {"input": x.tolist()}})["predictions"])
+    np.testing.assert_allclose(served, in_process, rtol=1e-5, atol=1e-5)
+
+
+def test_a_policy_that_misnames_a_third_party_check_is_exit_2_with_the_closest_name(
+    tiny_backend_installed: Any, box: Sandbox, digits_onnx: Path, calib_npz: Path, eval_npz: Path
+) -> None:
+    source = box.register_onnx(digits_onnx, "digits")
+    gate = {"checks": {"outscale": {"max_output_scal": 1.5}}}
+    run = box.compress(source, test_policy(calib_npz, eval_npz, backends=["tiny"], gate=gate))
+    assert run.exit_code == 2 and run.document is None, run.stderr
+    assert run.stderr.strip() == (
+        "quantgate: error: invalid policy: gate.checks.outscale.max_output_scal: unknown check 'max_output_scal' "
+        "of validator 'outscale'; did you mean 'max_output_scale'? (declared: max_output_scale)"
+    )
+    assert box.versions() == [("digits", "1", {})]
 
 
 def test_broken_plugins_fail_their_own_candidates_not_the_built_in_run(
-    tiny_backend_installed: None,
-    tracking_uri: str,
-    digits_onnx: Path,
-    calib_npz: Path,
-    eval_npz: Path,
-    tmp_path: Path,
-    qg_home: Path,
+    tiny_backend_installed: Any, box: Sandbox, digits_onnx: Path, calib_npz: Path, eval_npz: Path
 ) -> None:
-    source = register_onnx(tracking_uri, digits_onnx, "digits")
+    source = box.register_onnx(digits_onnx, "digits")
     backends = ["onnxruntime", "tiny-nolog", "tiny-future"]
-    policy = write_policy(
-        tmp_path / "p.yaml",
-        test_policy(calib_npz, eval_npz, backends=backends, recipes=["int8-static-qdq-minmax-perchannel"]),
+    run = box.compress(
+        source, test_policy(calib_npz, eval_npz, backends=backends, recipes=["int8-static-qdq-minmax-perchannel"])
     )
-    proc = run_cli(["compress", source, "--policy", str(policy), "--json"], tracking_uri, qg_home, tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    doc = json.loads(proc.stdout)
-    assert doc["promoted_uri"] == "models:/digits-onnxruntime-int8/1"
-    reasons = {c["backend"]: c["reasons"] for c in doc["candidates"] if not c["passed"]}
-    assert set(reasons) == {"tiny-nolog", "tiny-future"}, doc["candidates"]
+    assert run.exit_code == 0, run.stderr
+    assert run.document is not None
+    assert run.document["promoted_uri"] == "models:/digits-onnxruntime-int8/1"
+    reasons = {c["backend"]: c["reasons"] for c in run.document["candidates"] if not c["passed"]}
+    assert set(reasons) == {"tiny-nolog", "tiny-future"}, run.document["candidates"]
     assert "it lacks log_model of the Backend protocol" in reasons["tiny-nolog"][0]
     assert "written for plugin API 2" in reasons["tiny-future"][0]
     assert all("\n" not in r[0] for r in reasons.values())

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from quantgate.errors import InputError
-from quantgate.flows.runtime import (
+from quantgate.flows.prefect_server import (
     PREFECT_ENV_DEFAULTS,
     LocalServerError,
     configure_prefect_env,
@@ -30,7 +30,7 @@ from quantgate.flows.runtime import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 TRIVIAL_FLOW = """
-from quantgate.flows.runtime import configure_prefect_env, prefect_api_for_cli
+from quantgate.flows.prefect_server import configure_prefect_env, prefect_api_for_cli
 
 configure_prefect_env()
 print(prefect_api_for_cli("local"))
@@ -51,7 +51,7 @@ assert trivial() == 42
 ENSURE = """
 import sys
 from pathlib import Path
-from quantgate.flows.runtime import ensure_local_server
+from quantgate.flows.prefect_server import ensure_local_server
 
 print(ensure_local_server(Path(sys.argv[1]), idle_timeout_s=120))
 """

@@ -465,3 +465,33 @@ def prefect_api_for_cli(mode: str = "local") -> str | None:
     url = ensure_local_server()
     os.environ["PREFECT_API_URL"] = url
     return url
+
+
+class PrefectStart:
+    """:func:`prefect_api_for_cli` in a background thread, so a cold local server (about 7 s here) starts while the
+    command imports MLflow and ONNX Runtime instead of after. ``wait()`` before the first ``import prefect``."""
+
+    def __init__(self, mode: str) -> None:
+        import threading
+
+        # The CLI reports every failure itself in one line (README: exit codes); Prefect's console copy of
+        # a failed task, with its traceback, would only repeat it. The API handler still records it all.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        configure_prefect_env()
+        self._error: BaseException | None = None
+        # A daemon thread: a command that fails on bad input exits at once; a server it started keeps
+        # starting in its own session and is reused by the next command.
+        self._thread = threading.Thread(target=self._run, args=(mode,), daemon=True)
+        self._thread.start()
+
+    def _run(self, mode: str) -> None:
+        try:
+            prefect_api_for_cli(mode)
+        except BaseException as exc:  # re-raised in wait(), on the main thread
+            self._error = exc
+
+    def wait(self) -> None:
+        """Block until PREFECT_API_URL is settled; must happen before prefect is imported."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
