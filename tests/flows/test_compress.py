@@ -155,8 +155,10 @@ def test_one_run_evaluates_every_backend_and_promotes_the_fastest_on_a_common_sc
         # Timed side by side against both its own FP32 (OpenVINO) and ONNX Runtime FP32.
         assert ov["speedup_vs_ort_fp32"] > 0 and ov["ort_fp32_latency_p50_ms"] > 0
         if "playoff_blocks" not in ov:  # a finalist's figure comes from the final side-by-side ranking instead
+            # The median of paired blocks: inside its own interval, and near the ratio of the two runners' p50s.
+            assert ov["speedup_vs_ort_fp32_ci_low"] <= ov["speedup_vs_ort_fp32"] <= ov["speedup_vs_ort_fp32_ci_high"]
             assert ov["speedup_vs_ort_fp32"] == pytest.approx(
-                ov["ort_fp32_latency_p50_ms"] / ov["latency_p50_ms"], rel=1e-6
+                ov["ort_fp32_latency_p50_ms"] / ov["latency_p50_ms"], rel=0.3
             )
     ac_notes = cands["openvino", "int8-accuracy-control"]["notes"]
     assert any("accuracy control on 200 samples of evaluation.npz by accuracy" in n for n in ac_notes)
