@@ -9,6 +9,7 @@ from mlflow import MlflowClient
 
 from quantgate.errors import DataError, PolicyError
 from quantgate.flows.compress import compress_model
+from quantgate.pipeline import SPECIALIZE_TOP
 from tests.conftest import model_versions, register_onnx, test_policy
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -144,9 +145,12 @@ def test_one_run_evaluates_every_backend_and_promotes_the_fastest_on_a_common_sc
         ("openvino", "int8-accuracy-control"),
         ("tensorrt", "int8-qdq"),
     }
-    # The fastest OpenVINO candidates are also measured compiled for their input shapes (nothing rebuilt).
+    # The fastest OpenVINO candidates are also measured compiled for their input shapes (nothing rebuilt). Whether
+    # one is fast enough to qualify depends on the CPU: without VNNI, ONNX Runtime's INT8 may lead by more than
+    # SPECIALIZE_REACH; the rule itself is tests/test_search.py's.
     static = [k for k in cands if k[1].endswith("-static")]
-    assert static and all(b == "openvino" and (b, r.removesuffix("-static")) in cands for b, r in static)
+    assert len(static) <= SPECIALIZE_TOP
+    assert all(b == "openvino" and (b, r.removesuffix("-static")) in cands for b, r in static)
     ort = cands["onnxruntime", "int8-static-qdq-minmax-perchannel"]
     if "playoff_blocks" not in ort["all_metrics"]:  # the final ranking re-times finalists against the reference
         assert ort["all_metrics"]["speedup_vs_ort_fp32"] == ort["all_metrics"]["speedup"]
