@@ -193,6 +193,39 @@ def test_a_recipe_whose_family_measured_far_below_the_best_is_skipped_and_says_w
     assert cannot_beat(sibling, timed, best=None) is None
 
 
+def test_a_restoring_search_in_a_slower_float_precision_than_one_that_passed_is_skipped() -> None:
+    """The real CRAFT detector on AMX: OpenVINO's full INT8 ran 12.5x (FP32 float parts), 12.4x (BF16), 11.5x
+    (FP16); its float compute 1.0x (FP32), 5.4x (BF16), 0.66x (FP16); int8-mixed-bf16 passed."""
+
+    def make(name: str, kind: str, precision: str) -> Recipe:
+        return Recipe.make("openvino", name, "int8", kind=kind, inference_precision=precision)
+
+    winner = make("int8-mixed-bf16", "mixed", "bf16")
+    f16_control = make("int8-accuracy-control-f16", "accuracy_control", "f16")
+    f32_mixed = make("int8-mixed", "mixed", "f32")
+    timed = [
+        (make("int8-ptq-performance", "quantize", "f32"), 12.47),
+        (make("int8-ptq-performance-bf16", "quantize", "bf16"), 12.43),
+        (make("int8-ptq-performance-f16", "quantize", "f16"), 11.53),
+        (Recipe.make("openvino", "fp32", "fp32"), 1.03),
+        (make("bf16", "float", "bf16"), 5.42),
+        (make("f16", "float", "f16"), 0.66),
+        (winner, 10.21),
+    ]
+    why = cannot_beat(f16_control, timed, 10.1, passed=[winner])
+    assert why is not None and why.startswith("not tried: int8-mixed-bf16 already passed keeping layers in bf16")
+    assert "5.42x ONNX Runtime FP32 here against 0.66x in f16" in why
+    assert cannot_beat(f32_mixed, timed, 10.1, passed=[winner]) is not None
+    # Not before the faster precision's search passed, nor where this precision's INT8 ran measurably faster.
+    assert cannot_beat(f32_mixed, timed, 10.1, passed=[]) is None
+    faster_int8 = [(r, 14.0 if r.name == "int8-ptq-performance" else h) for r, h in timed]
+    assert cannot_beat(f32_mixed, faster_int8, 10.1, passed=[winner]) is None
+    # Nor where its float precision was never measured (nothing known) or ran as fast.
+    assert cannot_beat(f16_control, [t for t in timed if t[0].name != "f16"], 10.1, passed=[winner]) is None
+    as_fast = [(r, 5.5 if r.name == "f16" else h) for r, h in timed]
+    assert cannot_beat(f16_control, as_fast, 10.1, passed=[winner]) is None
+
+
 def test_close_finalists_are_re_timed_side_by_side_before_the_winner_is_chosen(
     setup, calib_npz: Path, eval_npz: Path, tmp_path: Path
 ) -> None:
