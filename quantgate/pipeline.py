@@ -366,6 +366,7 @@ class SearchState:
             best=self.best_vs_reference,
             attempted=self.attempted,
             floor=self.floor,
+            passed=self.passed,
         )
 
     def emit(self, stage: str, label: str) -> None:

@@ -226,6 +226,23 @@ def test_a_restoring_search_in_a_slower_float_precision_than_one_that_passed_is_
     assert cannot_beat(f16_control, as_fast, 10.1, passed=[winner]) is None
 
 
+def test_once_a_restoring_search_passed_another_precision_is_measured_before_its_own_restoring_search() -> None:
+    def make(name: str, kind: str, precision: str) -> Recipe:
+        return Recipe.make("openvino", name, "int8", kind=kind, inference_precision=precision)
+
+    control = Planned(0, make("int8-accuracy-control-f16", "accuracy_control", "f16"), 2.0)
+    f16 = Planned(1, make("f16", "float", "f16"), 1.5)
+    pending = [control, f16]
+    failed = {("openvino", "int8", "f16"): 12.5, ("openvino", "int8", "bf16"): 12.4}
+    state = {"quality_failed": 2, "quality_passed": 2, "failed_families": failed, "best": 10.1}
+    assert pending[next_index(pending, **state)] is control  # type: ignore[arg-type]
+    winner = make("int8-mixed-bf16", "mixed", "bf16")
+    assert pending[next_index(pending, **state, passed=[winner])] is f16  # type: ignore[arg-type]
+    # Measured already (its family attempted): the restoring search goes on as before.
+    measured = {("openvino", "float", "f16")}
+    assert pending[next_index(pending, **state, passed=[winner], attempted=measured)] is control  # type: ignore[arg-type]
+
+
 def test_close_finalists_are_re_timed_side_by_side_before_the_winner_is_chosen(
     setup, calib_npz: Path, eval_npz: Path, tmp_path: Path
 ) -> None:
