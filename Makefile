@@ -65,6 +65,7 @@ bench: install bench-env
 	$(BIN)/python benchmarks/bench_latency.py
 	$(BIN)/python benchmarks/bench_search.py
 	$(BIN)/python benchmarks/bench_qat.py
+	$(BIN)/python benchmarks/bench_edge.py
 
 local-prefect-stop: install
 	$(BIN)/quantgate local-prefect stop
