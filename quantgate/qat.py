@@ -27,7 +27,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,7 +190,10 @@ def finetune(job: QatJob, recipe: Recipe, workdir: Path, scheme: str) -> FineTun
     loop = _Loop(o, samples, time.monotonic() + job.time_budget_s)
     with torch.no_grad():
         targets = _outputs_in_chunks(teacher.module, xs, int(str(o["batch_size"])))
-    loop.run(student, xs, targets, labels)
+    calibrate: Callable[[], None] | None = None
+    if scheme == "onnxruntime":
+        calibrate = lambda: _calibrate_activations(student, xs, int(str(o["batch_size"])))  # noqa: E731
+    loop.run(student, xs, targets, labels, calibrate)
     trained = student.to("cpu").state_dict()
     fresh = torch_source(job.source_dir)
     _load_trained(fresh.module, trained)
@@ -236,10 +239,10 @@ def finetune(job: QatJob, recipe: Recipe, workdir: Path, scheme: str) -> FineTun
 
 
 SCHEMES = {
-    "onnxruntime": "activations per-tensor asymmetric UINT8, weights per-channel symmetric INT8, as ONNX Runtime's "
-    "static QDQ",
-    "openvino": "activations per-tensor symmetric INT8, weights per-channel symmetric INT8, as NNCF's performance "
-    "preset",
+    "onnxruntime": "activations per-tensor asymmetric UINT8 with the extremes over the training samples (set before "
+    "each epoch, as ONNX Runtime's MinMax calibration), weights per-channel symmetric INT8, as its static QDQ",
+    "openvino": "activations per-tensor symmetric INT8 with a moving average of per-batch extremes, weights "
+    "per-channel symmetric INT8, as NNCF's performance preset",
 }
 
 
@@ -269,7 +272,10 @@ class _Loop:
     def epoch_reached(self) -> int:
         return min(self.epochs_done + 1, self.epochs)
 
-    def run(self, student: Any, xs: list[Any], targets: list[Any], labels: Any) -> None:
+    def run(
+        self, student: Any, xs: list[Any], targets: list[Any], labels: Any, calibrate: Callable[[], None] | None = None
+    ) -> None:
+        """``calibrate`` (if given) runs before each epoch, within the budget."""
         import torch
 
         optimizer = torch.optim.Adam(student.parameters(), lr=self.lr)
@@ -277,8 +283,13 @@ class _Loop:
         for epoch in range(1, self.epochs + 1):
             perm = torch.from_numpy(order.permutation(self.samples))
             epoch_losses: list[float] = []
-            for start in range(0, self.samples, self.batch_size):
+            if calibrate is not None:
                 if time.monotonic() >= self.deadline:
+                    self.stopped = True
+                else:
+                    calibrate()
+            for start in range(0, self.samples, self.batch_size):
+                if self.stopped or time.monotonic() >= self.deadline:
                     self.stopped = True
                     break
                 idx = perm[start : start + self.batch_size].to(xs[0].device)
@@ -366,8 +377,17 @@ def _prepare(module: Any, scheme: str) -> Any:
 
 
 def _config(scheme: str) -> Any:
+    """Fake quantizers as the backend's finishing recipe will calibrate its ranges. Activations: for ONNX Runtime,
+    plain min/max observers that ``_calibrate_activations`` fills with the extremes over all training samples (its
+    MinMax calibration takes the extremes over the whole calibration set); for OpenVINO, a moving average of each
+    batch's extremes (NNCF's default for per-tensor activations averages per-sample extremes, MEAN_MINMAX)."""
     import torch
-    from torchao.quantization.pt2e import FusedMovingAvgObsFakeQuantize, MovingAveragePerChannelMinMaxObserver
+    from torchao.quantization.pt2e import (
+        FakeQuantize,
+        FusedMovingAvgObsFakeQuantize,
+        MinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver,
+    )
     from torchao.quantization.pt2e.quantizer import QuantizationSpec
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import QuantizationConfig
 
@@ -378,7 +398,11 @@ def _config(scheme: str) -> Any:
         quant_max=127 if symmetric else 255,
         qscheme=torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine,
         is_dynamic=False,
-        observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(eps=2**-12),
+        observer_or_fake_quant_ctr=(
+            FusedMovingAvgObsFakeQuantize.with_args(eps=2**-12)
+            if symmetric
+            else FakeQuantize.with_args(observer=MinMaxObserver, eps=2**-12)
+        ),
     )
     weight = QuantizationSpec(
         dtype=torch.int8,
@@ -392,6 +416,45 @@ def _config(scheme: str) -> Any:
         ),
     )
     return QuantizationConfig(act, act, weight, None, True)
+
+
+def _activation_quantizers(student: Any) -> list[Any]:
+    import torch
+    from torchao.quantization.pt2e import FakeQuantizeBase
+
+    per_tensor = (torch.per_tensor_affine, torch.per_tensor_symmetric)
+    return [m for m in student.modules() if isinstance(m, FakeQuantizeBase) and m.qscheme in per_tensor]
+
+
+def _calibrate_activations(student: Any, xs: list[Any], batch: int) -> None:
+    """Set the activation quantizers' ranges as ONNX Runtime's MinMax calibration will on the exported model: the
+    extremes over all the samples, through the float model with the current weights (no fake quantization
+    upstream); held fixed while the weights train.
+
+    The moving average of per-batch extremes this replaces trained on a grid narrower than the one ONNX Runtime then
+    used (the extremes over the whole set lie beyond the average extremes of its batches), so the fine-tuned
+    weights met coarser rounding than they were trained for.
+    """
+    import torch
+    from torchao.quantization.pt2e import FakeQuantizeBase
+
+    quantizers = [m for m in student.modules() if isinstance(m, FakeQuantizeBase)]
+    acts = _activation_quantizers(student)
+    for fq in quantizers:
+        fq.disable_fake_quant()
+        fq.disable_observer()
+    for fq in acts:
+        fq.activation_post_process.reset_min_max_vals()
+        fq.enable_observer()
+    with torch.no_grad():
+        for start in range(0, xs[0].shape[0], batch):
+            student(*[x[start : start + batch] for x in xs])
+    for fq in quantizers:
+        fq.enable_fake_quant()
+        if fq not in acts:
+            fq.enable_observer()
+    for fq in acts:
+        fq.disable_observer()
 
 
 def _load_trained(module: Any, trained: dict[str, Any]) -> None:

@@ -79,6 +79,94 @@ def test_distillation_only_qat_runs_without_labels_and_never_touches_the_source(
     assert _tree_digest(pt2_dir) == before  # the fine-tuned weights never go back into the source
 
 
+def _node_values(model_path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every tensor of an ONNX model on input ``x``."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_path))
+    names = [model.graph.input[0].name, *(o for n in model.graph.node for o in n.output)]
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip(names, session.run(None, {model.graph.input[0].name: x}), strict=True))
+
+
+def _activation_scales(qdq: Path) -> dict[str, tuple[float, int]]:
+    """(scale, zero point) of each per-tensor QuantizeLinear on an activation of a QDQ model, by tensor name."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(qdq))
+    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {
+        n.input[0]: (float(init[n.input[1]]), int(init[n.input[2]]))
+        for n in model.graph.node
+        if n.op_type == "QuantizeLinear" and n.input[0] not in init and init[n.input[1]].size == 1
+    }
+
+
+def test_onnxruntime_qat_trains_with_the_activation_ranges_its_qdq_model_then_uses(
+    pt2_dir: Path, digits: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ONNX Runtime's MinMax calibration takes each activation's extremes over the whole calibration set; the fake
+    quantizers must train on those ranges, not on a moving average of per-batch extremes (which hardly moves for a
+    wide sample met in one batch among many: here one sample at 4x the range of the others)."""
+    import torch
+    from torchao.quantization.pt2e import FakeQuantizeBase
+
+    from quantgate.plugins.base import Calibration
+    from quantgate.plugins.onnxruntime import RECIPES
+
+    x = digits.x_train[:96].copy()
+    x[-1] *= 4.0
+    calib_path = tmp_path / "calibration.npz"
+    np.savez(calib_path, input=x)
+    students: list[Any] = []
+    prepare = qat._prepare
+    monkeypatch.setattr(
+        qat, "_prepare", lambda module, scheme: students.append(prepare(module, scheme)) or students[-1]
+    )
+    job = qat.QatJob(pt2_dir, NpzDataset.open(calib_path), None, str(calib_path), time_budget_s=120)
+    recipe = _recipe(epochs=1, batch_size=32, samples=96, learning_rate=1e-9)  # weights as calibrated
+
+    tuned = qat.finetune(job, recipe, tmp_path / "qat", "onnxruntime")
+    finish = next(r for r in RECIPES if r.name == recipe.options["finish"])
+    calib = Calibration(NpzDataset.open(calib_path), 16, 96)
+    qdq = OnnxRuntimeBackend().compress(tuned.model, finish, calib, tmp_path / "ort" / "build")
+
+    (student,) = students
+    quantizers = [m for m in student.modules() if isinstance(m, FakeQuantizeBase)]
+    inputs: dict[int, np.ndarray] = {}
+    hooks = [
+        q.register_forward_pre_hook(lambda mod, args, i=i: inputs.setdefault(i, args[0].detach().numpy().copy()))
+        for i, q in enumerate(quantizers)
+        if q.qscheme == torch.per_tensor_affine
+    ]
+    for q in quantizers:
+        q.disable_fake_quant()
+    with torch.no_grad():
+        student(torch.from_numpy(x[:4]))
+    for h in hooks:
+        h.remove()
+    ort_scales = _activation_scales(qdq.artifact)
+    values = _node_values(tmp_path / "ort" / "preprocessed.onnx", x[:4])  # the graph ONNX Runtime quantized
+    compared: list[str] = []
+    for i, seen in inputs.items():
+        names = [
+            n
+            for n, v in values.items()
+            if v.shape == seen.shape and np.allclose(v, seen, atol=1e-4) and n in ort_scales
+        ]
+        if not names:
+            continue  # a tensor ONNX Runtime does not quantize, or whose name preprocessing changed
+        scale, zero_point = ort_scales[names[0]]
+        assert float(quantizers[i].scale) == pytest.approx(scale, rel=2e-3), names[0]
+        assert abs(int(quantizers[i].zero_point) - zero_point) <= 1, names[0]
+        compared.append(names[0])
+    assert "input" in compared, (compared, sorted(ort_scales))
+
+
 def test_the_budget_stops_qat_and_it_says_how_far_it_got(pt2_dir: Path, unlabelled_calib: Path, tmp_path: Path) -> None:
     job = qat.QatJob(pt2_dir, NpzDataset.open(unlabelled_calib), None, str(unlabelled_calib), time_budget_s=3.0)
     recipe = _recipe(epochs=10_000, batch_size=8, samples=128)
