@@ -192,7 +192,9 @@ def finetune(job: QatJob, recipe: Recipe, workdir: Path, scheme: str) -> FineTun
         targets = _outputs_in_chunks(teacher.module, xs, int(str(o["batch_size"])))
     calibrate: Callable[[], None] | None = None
     if scheme == "onnxruntime":
-        calibrate = lambda: _calibrate_activations(student, xs, int(str(o["batch_size"])))  # noqa: E731
+        # Chunks of at least 64: a forward call's overhead dominates small batches (no gradients are kept here).
+        chunk = max(int(str(o["batch_size"])), 64)
+        calibrate = lambda: _calibrate_activations(student, xs, chunk)  # noqa: E731
     loop.run(student, xs, targets, labels, calibrate)
     trained = student.to("cpu").state_dict()
     fresh = torch_source(job.source_dir)

@@ -64,7 +64,7 @@ def test_distillation_only_qat_runs_without_labels_and_never_touches_the_source(
     before = _tree_digest(pt2_dir)
     calib = NpzDataset.open(unlabelled_calib)
     assert not calib.has_labels
-    job = qat.QatJob(pt2_dir, calib, None, str(unlabelled_calib), time_budget_s=3.0)
+    job = qat.QatJob(pt2_dir, calib, None, str(unlabelled_calib), time_budget_s=60.0)  # not the budget test
     recipe = _recipe(epochs=2, batch_size=32, samples=64)
 
     tuned = qat.finetune(job, recipe, tmp_path / "qat", "onnxruntime")
@@ -84,8 +84,9 @@ def _node_values(model_path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(model_path))
-    names = [model.graph.input[0].name, *(o for n in model.graph.node for o in n.output)]
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path)))
+    floats = {v.name for v in (*model.graph.value_info, *model.graph.output) if v.type.tensor_type.elem_type == 1}
+    names = [model.graph.input[0].name, *(o for n in model.graph.node for o in n.output if o in floats)]
     del model.graph.output[:]
     model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -138,10 +139,15 @@ def test_onnxruntime_qat_trains_with_the_activation_ranges_its_qdq_model_then_us
     (student,) = students
     quantizers = [m for m in student.modules() if isinstance(m, FakeQuantizeBase)]
     inputs: dict[int, np.ndarray] = {}
+
+    def keep(i: int) -> Any:
+        def hook(module: Any, args: tuple[Any, ...]) -> None:  # returning a value would replace the input
+            inputs.setdefault(i, args[0].detach().numpy().copy())
+
+        return hook
+
     hooks = [
-        q.register_forward_pre_hook(lambda mod, args, i=i: inputs.setdefault(i, args[0].detach().numpy().copy()))
-        for i, q in enumerate(quantizers)
-        if q.qscheme == torch.per_tensor_affine
+        q.register_forward_pre_hook(keep(i)) for i, q in enumerate(quantizers) if q.qscheme == torch.per_tensor_affine
     ]
     for q in quantizers:
         q.disable_fake_quant()
