@@ -12,7 +12,7 @@
    backend's FP32 baseline, the promoted version, the wall time of the compress run and the host. Nothing is
    asserted.
 
-    python benchmarks/bench_edge.py [--epochs 3] [--train 1200] [--budget 600] [--recipes a,b] [--json out.json]
+    python benchmarks/bench_edge.py [--epochs 10] [--train 1200] [--budget 600] [--recipes a,b] [--json out.json]
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def host_lines(load_before: tuple[float, ...], load_after: tuple[float, ...]) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=3, help="training epochs of the FP32 MobileNetV2")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs of the FP32 MobileNetV2")
     parser.add_argument("--train", type=int, default=1200, help="generated training images")
     parser.add_argument("--eval", type=int, default=1000, help="held-out labelled images the gate scores")
     parser.add_argument("--signal", type=float, default=1.5, help="class pattern amplitude (qatdata.make)")
