@@ -478,8 +478,12 @@ def _validate(
         )
 
     n_eval = data.evaluation.n_samples if policy.data.evaluation_samples is None else policy.data.evaluation_samples
+    if state.budget.exhausted:  # the build (or opening its runtime) ended past the budget
+        why = f"quality not measured: the search budget was spent ({state.budget.describe()})"
+        return result({}, gate.skip(why), {})
     if not state.exhaustive and state.quick_samples is not None and state.quick_samples < n_eval:
         state.emit("quick", label)
+        t_quick = state.budget.used
         quick = search.quick_check(
             base.outputs, collect_outputs(runner, data.evaluation, state.quick_samples), policy, has_labels=has_labels
         )
@@ -487,6 +491,15 @@ def _validate(
             state.quality_failed += 1
             probed, note = _probe(base, runner, data, policy, state, recipe)
             return result(probed, gate.skip(quick.detail), {}, *note)
+        # The full evaluation cannot be stopped half way (a partial score gates nothing), so it does not start where
+        # the quick check says it would end past the budget: the run would overrun by the whole evaluation.
+        projected = (state.budget.used - t_quick) * n_eval / state.quick_samples
+        if projected > state.budget.remaining:
+            why = (
+                f"quality not measured: all {n_eval} samples would take about {projected:.0f} s (the quick check's "
+                f"pace), more than the {state.budget.remaining:.0f} s left ({state.budget.describe()})"
+            )
+            return result({}, gate.skip(why), {})
     if state.budget.exhausted:
         why = f"quality not measured: the search budget was spent ({state.budget.describe()})"
         return result({}, gate.skip(why), {})

@@ -13,7 +13,7 @@ from quantgate.cache import CandidateCache, RunKey
 from quantgate.data import NpzDataset
 from quantgate.hardware import detect
 from quantgate.model import read_model_info
-from quantgate.plugins.base import Recipe
+from quantgate.plugins.base import Calibration, Recipe
 from quantgate.plugins.onnxruntime import OnnxRuntimeBackend
 from quantgate.policy import Policy, parse_policy
 from quantgate.search import Budget, Planned, cannot_beat, next_index, prior
@@ -88,6 +88,54 @@ def test_a_spent_budget_skips_what_is_left_and_says_so(setup, calib_npz: Path, e
     run = pipeline.evaluate(base, recipe, model, data, policy, detect(), tmp_path, state=state)
     assert run.result.status == "skipped"
     assert run.result.verdict.reasons == ["not tried: the search budget was spent (5 s of 1 s used)"]
+
+
+def test_a_full_evaluation_that_would_end_past_the_budget_is_not_started(
+    setup, calib_npz: Path, eval_npz: Path, tmp_path: Path
+) -> None:
+    model, data, base, recipe = setup
+    policy = _policy(calib_npz, eval_npz)
+    built = base.backend.compress(model, recipe, Calibration(data.calibration, 32, 256), tmp_path / "b")
+    now = [0.0]
+
+    class SlowRunner:  # every batch costs 10 s on the budget's clock
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+
+        def run(self, inputs):  # type: ignore[no-untyped-def]
+            now[0] += 10.0
+            return self.inner.run(inputs)  # type: ignore[attr-defined]
+
+    class SlowBackend:
+        def __init__(self, inner: OnnxRuntimeBackend) -> None:
+            self.inner, self.name = inner, inner.name
+
+        def runner(self, cand, *, threads):  # type: ignore[no-untyped-def]
+            return SlowRunner(self.inner.runner(cand, threads=threads))
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+    slow = pipeline.Baseline(SlowBackend(base.backend), base.candidate, base.runner, base.outputs)  # type: ignore[arg-type]
+    n_eval = data.evaluation.n_samples
+    state = pipeline.SearchState.for_policy(policy, 1)
+    # The quick check (64 samples, one batch) costs 10 s: all samples would take 10 * n_eval / 64 s, past the 60 s left.
+    state.budget = Budget(100.0, clock=lambda: now[0])
+    now[0] = 40.0
+    run = pipeline.evaluate(base=slow, recipe=recipe, model=model, data=data, policy=policy, hardware=detect(),
+                            workdir=tmp_path, state=state, prebuilt=built)  # fmt: skip
+    assert n_eval * 10 / 64 > 50
+    assert run.result.status == "skipped"
+    (reason,) = run.result.verdict.reasons
+    assert reason.startswith(f"quality not measured: all {n_eval} samples would take about") and "50 s left" in reason
+    assert now[0] == 50.0  # nothing ran after the quick check
+    # With no budget to run out, the same candidate is measured to the end.
+    now[0] = 0.0
+    state = pipeline.SearchState.for_policy(policy, 1)
+    state.budget = Budget(None, clock=lambda: now[0])
+    run = pipeline.evaluate(base=slow, recipe=recipe, model=model, data=data, policy=policy, hardware=detect(),
+                            workdir=tmp_path / "2", state=state, prebuilt=built)  # fmt: skip
+    assert run.result.status != "skipped" and "fidelity" in run.result.metrics
 
 
 def test_the_budget_stops_a_build_that_runs_past_it(setup, calib_npz: Path, eval_npz: Path, tmp_path: Path) -> None:
