@@ -127,7 +127,7 @@ class SearchPolicy(_Strict):
     time_budget_s: float | Literal["auto"] = Field(
         default="auto",
         description=(
-            "Wall-clock budget of the whole search, every step included; auto: 180 s for a model of up to 25 MB, "
+            "Wall-clock budget of the whole search, every step included; auto: 150 s for a model of up to 25 MB, "
             "proportionally more above (every step's cost grows with the model), at most 1800 s"
         ),
     )
