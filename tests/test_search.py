@@ -466,7 +466,7 @@ def test_the_default_budget_grows_with_the_model_and_an_explicit_one_is_kept(cal
     assert budget_seconds("auto", 10**10) == 1800.0
     assert budget_seconds(60.0, 83_000_000) == 60.0
     auto = _policy(calib_npz, eval_npz, search={"time_budget_s": "auto"})
-    assert pipeline.SearchState.for_policy(auto, 1, model_bytes=50_000_000).budget.seconds == 360.0
+    assert pipeline.SearchState.for_policy(auto, 1, model_bytes=50_000_000).budget.seconds == 300.0
     with pytest.raises(Exception, match=r"search.time_budget_s: .*must be 'auto' or a number of seconds"):
         _policy(calib_npz, eval_npz, search={"time_budget_s": "soon"})
 
