@@ -78,10 +78,17 @@ def benchmark_app_ms(
     """
     tool = shutil.which("benchmark_app") or str(Path(sys.executable).parent / "benchmark_app")
     dims = ",".join(str(d) for d in shape)
+    # The CPU plugin configured as quantgate's runner compiles it: latency hint, 1 stream, THREADS threads, the
+    # inference precision. benchmark_app's own flags cannot say this (it refuses -nthreads/-nstreams beside -hint
+    # latency), its -load_config can.
+    config = xml.parent / f"{xml.stem}-benchmark-app-{precision}.json"
+    config.write_text(json.dumps({"CPU": {
+        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(THREADS),
+        "INFERENCE_PRECISION_HINT": precision,
+    }}))  # fmt: skip
     cmd = [
-        tool, "-m", str(xml), "-d", "CPU", "-hint", "none", "-nthreads", str(THREADS), "-nstreams", "1",
-        "-nireq", "1", "-api", "sync", "-t", str(max(int(seconds), 1)),
-        "-shape" if static else "-data_shape", f"{input_name}[{dims}]", "-infer_precision", precision,
+        tool, "-m", str(xml), "-d", "CPU", "-load_config", str(config), "-nireq", "1", "-api", "sync",
+        "-t", str(max(int(seconds), 1)), "-shape" if static else "-data_shape", f"{input_name}[{dims}]",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     match = re.search(r"Median:\s+([\d.]+) (ms|us)", out)  # it switches to microseconds below 1 ms
