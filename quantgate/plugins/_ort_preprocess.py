@@ -45,6 +45,31 @@ def preprocess(src: Path, workdir: Path) -> tuple[Path, tuple[str, ...]]:
     return out, notes
 
 
+# Per-axis QuantizeLinear/DequantizeLinear (the ``axis`` attribute) exist from opset 13.
+PER_CHANNEL_OPSET = 13
+
+
+def per_channel_ready(src: Path, workdir: Path) -> tuple[Path, tuple[str, ...]]:
+    """``src`` at opset 13 or above, converted once per model (cached in ``workdir``) where it is older.
+
+    onnxruntime's quantizer writes per-channel Q/DQ nodes with an ``axis`` into an opset-11 graph as it is, and its
+    own runtime then refuses the model (``Unrecognized attribute: axis``): seen on the real PP-OCR classifier.
+    """
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(str(src), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
+    if opset >= PER_CHANNEL_OPSET:
+        return src, ()
+    out = workdir / f"{src.stem}-opset{PER_CHANNEL_OPSET}.onnx"
+    note = f"converted from opset {opset} to {PER_CHANNEL_OPSET} for per-channel Q/DQ (axis needs opset 13)"
+    if not out.exists():
+        full = onnx.load(str(src))
+        onnx.save(version_converter.convert_version(full, PER_CHANNEL_OPSET), str(out))
+    return out, (note,)
+
+
 def _remove_ort_debug_dump() -> None:
     if not _ORT_DEBUG_DUMP.exists():
         return

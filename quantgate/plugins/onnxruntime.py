@@ -20,7 +20,7 @@ import onnx
 from quantgate.data import NpzDataset
 from quantgate.errors import BackendError
 from quantgate.model import ModelInfo
-from quantgate.plugins._ort_preprocess import preprocess
+from quantgate.plugins._ort_preprocess import per_channel_ready, preprocess
 from quantgate.plugins.base import (
     Availability,
     Calibration,
@@ -239,6 +239,12 @@ class OnnxRuntimeBackend:
         if opts["kind"] == "hybrid":
             _hybrid_ops(src, opts)  # before any calibration: a graph without them fails in a moment
         prepared, notes = preprocess(src, shared)
+        if opts.get("per_channel") and opts["kind"] != "dynamic":  # Q/DQ with an axis
+            try:
+                prepared, upgraded = per_channel_ready(prepared, shared)
+            except Exception as exc:  # onnx's converter has no adapter for some ops: quantize as given, say why
+                upgraded = (f"opset not converted for per-channel Q/DQ: {first_line(exc)}",)
+            notes = (*notes, *upgraded)
         if opts["kind"] == "static":
             return (*notes, *self._static(prepared, out, opts, calib))
         if opts["kind"] == "hybrid":

@@ -344,3 +344,24 @@ def test_hybrid_recipe_on_a_model_without_recurrent_layers_fails_before_calibrat
     with pytest.raises(BackendError, match=r"int8-hybrid failed: nothing for dynamic INT8: the model has no LSTM op"):
         OnnxRuntimeBackend().compress(info, HYBRID, calib, tmp_path / "w")
     assert not (tmp_path / "w").exists() or not any((tmp_path / "w").rglob("*.onnx"))
+
+
+def test_per_channel_recipes_run_on_an_opset_11_model(digits_onnx: Path, calib_npz: Path, tmp_path: Path) -> None:
+    # onnxruntime's quantizer writes per-channel Q/DQ (an `axis`, opset 13) into an opset-11 graph as it is, and its
+    # runtime then refuses the model (the real PP-OCR classifier is an opset-11 export).
+    model = onnx.load(str(digits_onnx))
+    (default,) = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    default.version = 11  # its operators (Conv, Relu, MaxPool, Reshape, Gemm) read the same at opset 11
+    onnx.checker.check_model(model)
+    old = tmp_path / "opset11.onnx"
+    onnx.save(model, str(old))
+    before = old.read_bytes()
+    backend = OnnxRuntimeBackend()
+    info = read_model_info(old)
+    calib = Calibration(NpzDataset.open(calib_npz), batch_size=16, limit=64)
+    recipe = next(r for r in RECIPES if r.name == "int8-static-qdq-minmax-perchannel")
+    cand = backend.compress(info, recipe, calib, tmp_path / recipe.name)
+    assert any("converted from opset 11 to 13" in n for n in cand.notes)
+    out = backend.runner(cand, threads=1).run(NpzDataset.open(calib_npz).take(8).inputs)[0]
+    assert out.shape[0] == 8
+    assert old.read_bytes() == before  # converted beside the source, never in place
