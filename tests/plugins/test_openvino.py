@@ -437,3 +437,25 @@ def test_a_static_shape_runner_compiles_once_per_input_shape_and_matches_the_dyn
         np.testing.assert_allclose(static.run(x)[0], dynamic.run(x)[0], rtol=1e-4, atol=1e-5)
         assert static.compiled.inputs[0].get_partial_shape()[0].get_length() == n
     assert len(static._shapes) == 2
+
+
+def test_a_static_shape_runner_writes_into_its_own_outputs_and_hands_out_copies(fp32: Fp32, eval_data: Any) -> None:
+    backend = OpenVinoBackend()
+    variant = backend.specialize(fp32.candidate)
+    assert variant is not None
+    static, dynamic = backend.runner(variant, threads=1), backend.runner(fp32.candidate, threads=1)
+    assert isinstance(static, OvRunner) and isinstance(dynamic, OvRunner)
+    a = {"input": np.ascontiguousarray(eval_data["input"][:4])}
+    b = {"input": np.ascontiguousarray(eval_data["input"][4:8])}
+    first = static.run(a)
+    assert static._outs is not None  # every output static: bound to preallocated arrays
+    assert dynamic._outs is None  # a dynamic batch: OpenVINO sizes the outputs per call
+    second = static.run(b)
+    # What a call returned is not overwritten by the next call into the same output buffers.
+    np.testing.assert_allclose(first[0], dynamic.run(a)[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(second[0], dynamic.run(b)[0], rtol=1e-4, atol=1e-5)
+    assert not np.shares_memory(first[0], static._outs[0]) and not np.allclose(first[0], second[0])
+    # Another shape binds the other compiled model's own outputs.
+    one = {"input": np.ascontiguousarray(eval_data["input"][:1])}
+    np.testing.assert_allclose(static.run(one)[0], dynamic.run(one)[0], rtol=1e-4, atol=1e-5)
+    assert static._outs is not None and static._outs[0].shape[0] == 1
