@@ -63,6 +63,11 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(name=value.name, dtype=dtype, shape=tuple(dims))
 
 
+def onnx_opset(proto: onnx.ModelProto) -> int:
+    """The graph's default-domain (``ai.onnx``) opset; 0 when it imports none."""
+    return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
 def read_model_info(path: Path) -> ModelInfo:
     """Load and check an ONNX file; raise ``InvalidModel`` with the reason if it is not usable."""
     try:
@@ -74,7 +79,7 @@ def read_model_info(path: Path) -> ModelInfo:
     initializers = {i.name for i in proto.graph.initializer}
     inputs = tuple(_spec(v) for v in proto.graph.input if v.name not in initializers)
     outputs = tuple(_spec(v) for v in proto.graph.output)
-    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    opset = onnx_opset(proto)
     op_types = {n.op_type for n in proto.graph.node}
     is_transformer = bool(op_types & _TRANSFORMER_OPS) and "MatMul" in op_types and "Conv" not in op_types
     return ModelInfo(

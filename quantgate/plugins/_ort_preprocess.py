@@ -49,8 +49,9 @@ def preprocess(src: Path, workdir: Path) -> tuple[Path, tuple[str, ...]]:
 PER_CHANNEL_OPSET = 13
 
 
-def per_channel_ready(src: Path, workdir: Path) -> tuple[Path, tuple[str, ...]]:
-    """``src`` at opset 13 or above, converted once per model (cached in ``workdir``) where it is older.
+def per_channel_ready(src: Path, opset: int, workdir: Path) -> tuple[Path, tuple[str, ...]]:
+    """``src`` (a graph at ``opset``; 0: it imports no default domain) at opset 13 or above, converted once per model
+    (cached in ``workdir``) where it is older.
 
     onnxruntime's quantizer writes per-channel Q/DQ nodes with an ``axis`` into an opset-11 graph as it is, and its
     own runtime then refuses the model (``Unrecognized attribute: axis``): seen on the real PP-OCR classifier.
@@ -58,9 +59,7 @@ def per_channel_ready(src: Path, workdir: Path) -> tuple[Path, tuple[str, ...]]:
     import onnx
     from onnx import version_converter
 
-    model = onnx.load(str(src), load_external_data=False)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
-    if opset >= PER_CHANNEL_OPSET:
+    if opset == 0 or opset >= PER_CHANNEL_OPSET:
         return src, ()
     out = workdir / f"{src.stem}-opset{PER_CHANNEL_OPSET}.onnx"
     note = f"converted from opset {opset} to {PER_CHANNEL_OPSET} for per-channel Q/DQ (axis needs opset 13)"

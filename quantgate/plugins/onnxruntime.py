@@ -225,14 +225,15 @@ class OnnxRuntimeBackend:
             )
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's calibrators print() progress
-                notes = self._build(model.path, out, workdir.parent, recipe.options, calib)
+                notes = self._build(model, out, workdir.parent, recipe.options, calib)
         except Exception as exc:  # quantization raises anything from ValueError to ORT's Fail
             raise BackendError(f"{recipe.name} failed: {first_line(exc)}") from exc
         return Candidate(recipe, out, notes=notes, files=model_files(out))
 
     def _build(
-        self, src: Path, out: Path, shared: Path, opts: dict[str, SettingValue], calib: Calibration
+        self, model: ModelInfo, out: Path, shared: Path, opts: dict[str, SettingValue], calib: Calibration
     ) -> tuple[str, ...]:
+        src = model.path
         if opts["kind"] == "fp16":
             self._fp16(src, out)
             return ()
@@ -241,7 +242,7 @@ class OnnxRuntimeBackend:
         prepared, notes = preprocess(src, shared)
         if opts.get("per_channel") and opts["kind"] != "dynamic":  # Q/DQ with an axis
             try:
-                prepared, upgraded = per_channel_ready(prepared, shared)
+                prepared, upgraded = per_channel_ready(prepared, model.opset, shared)  # pre-processing keeps it
             except Exception as exc:  # onnx's converter has no adapter for some ops: quantize as given, say why
                 upgraded = (f"opset not converted for per-channel Q/DQ: {first_line(exc)}",)
             notes = (*notes, *upgraded)

@@ -22,6 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from quantgate.errors import BackendError
+from quantgate.model import onnx_opset
 from quantgate.plugins.base import Calibration
 
 # Weighted ops whose inputs get Q/DQ; TensorRT's placement guidance: quantize their inputs, not their outputs.
@@ -275,7 +276,7 @@ def check_tensorrt_qdq(path: Path) -> list[str]:
 
 
 def _check_opset(model: onnx.ModelProto) -> list[str]:
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    opset = onnx_opset(model)
     if opset >= MIN_OPSET:
         return []
     return [
