@@ -34,6 +34,9 @@ def _routed(calib: Path, evaluation: Path, **target: Any) -> dict[str, Any]:
         recipes=[ORT_RECIPE, OV_RECIPE],
         targets={"openvino": {"pool": "cpu-test-step", "timeout_s": 60, **target}},
         search={"specialize_shapes": False},  # one candidate per step: the shape variant is tested elsewhere
+        # What is tested is where a step logs and who gates it, not this host's INT8 speed: on a Zen 2 EPYC (AVX2,
+        # no dot-product instructions) OpenVINO's INT8 digits CNN ran 0.96x ONNX Runtime FP32 and failed 1.1x.
+        gate={"min_speedup": None},
     )
 
 
@@ -84,13 +87,13 @@ def test_a_step_logs_under_the_parent_and_the_parent_gates_and_registers_it(
     client = registry.connect(tracking_uri)
     outcome = targets.read_step_document("cpu-test-step", tracking.read_step(client, parent_id, "cpu-test-step"))
     (cand,) = outcome.checked(policy)
-    assert cand.run_id and cand.logged_model_uri  # the step logged the child run and the model, registered nothing
-    assert registry.connect(tracking_uri).search_registered_models("name = 'digits-openvino-int8'") == []
     assert cand.verdict.checks[-1].name == "hardware"
     if requirement == "unmet":
         assert not cand.passed and f"CPU lacks {lacking[0]}" in cand.verdict.reasons[-1]
     else:
         assert cand.passed, cand.verdict.reasons
+    assert cand.run_id and cand.logged_model_uri  # the step logged the child run and the model, registered nothing
+    assert registry.connect(tracking_uri).search_registered_models("name = 'digits-openvino-int8'") == []
 
     pipeline.promote([cand])
     model, flavor = to_onnx(registry.download(source, tmp_path / "src"), tmp_path / "intake")

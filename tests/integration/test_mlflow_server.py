@@ -39,7 +39,7 @@ def test_compress_against_a_real_tracking_server_registers_a_servable_version(
             eval_npz,
             backends=["onnxruntime", "openvino"],
             recipes=["int8-static-qdq-minmax-perchannel", "int8-ptq-performance"],
-            gate={"min_speedup": 1.0},  # both register; which one wins is not this test's question
+            gate={"min_speedup": None},  # both register (INT8 may not beat FP32 on this CPU); which wins is not asked
             registry={"register_all_passing": True},
             search={"specialize_shapes": False},  # one version per backend (tests/serving covers the shape variant)
         )

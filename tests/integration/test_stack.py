@@ -55,7 +55,9 @@ def running(tmp_path_factory: pytest.TempPathFactory, calib_npz: Path, eval_npz:
     home = tmp_path_factory.mktemp("stack")
     config = home / "automation.yaml"
     pool = f"qgtest-{uuid.uuid4().hex[:6]}"
-    fast = {"data": {"calibration_samples": 128}, "latency": FAST_LATENCY, "gate": {"min_speedup": 1.0}}
+    # Gated on quality only: whether INT8 beats FP32 is the CPU's business (OpenVINO's INT8 digits CNN ran 0.88x
+    # ONNX Runtime FP32 on a Zen 2 EPYC), and the routed run must promote its OpenVINO candidate wherever it runs.
+    fast = {"data": {"calibration_samples": 128}, "latency": FAST_LATENCY, "gate": {"min_speedup": None}}
     here = detect()
     lacking = next(f for f in ISA_FLAGS if f not in here.isa_flags)
     routed = {
