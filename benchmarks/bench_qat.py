@@ -12,7 +12,7 @@
 Targets: the best PTQ candidate loses at least 2 points; the QAT candidate at most 1, at a batch-1 speedup within
 10% of the PTQ candidate's; QAT's wall time reported and within its budget. Nothing is asserted.
 
-    python benchmarks/bench_qat.py [--epochs 6] [--qat-epochs 4] [--json out.json]
+    python benchmarks/bench_qat.py [--epochs 24] [--qat-epochs 4] [--json out.json]
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def report(doc: dict[str, Any], speed: dict[str, tuple[float, float, float]], wa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=6, help="training epochs of the FP32 MobileNetV2")
+    parser.add_argument("--epochs", type=int, default=24, help="training epochs of the FP32 MobileNetV2")
     parser.add_argument("--train", type=int, default=3000)
     parser.add_argument("--eval", type=int, default=1000)
     parser.add_argument("--qat-epochs", type=int, default=4)
