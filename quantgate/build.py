@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing as mp
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,35 @@ log = logging.getLogger(__name__)
 
 class BuildTimeout(QuantgateError):
     """A build ran past its deadline and its worker was stopped."""
+
+
+CRASH_SIGNALS = frozenset(int(s) for s in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT))
+
+
+class WorkerDied(InfrastructureError):
+    """The worker process died during a call: killed, out of memory, or a crash in native code."""
+
+    def __init__(self, message: str, exit_code: int | None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    @property
+    def crashed(self) -> bool:
+        """Died of a fault in its own code (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT), not killed from outside
+        (SIGKILL: the kernel's out-of-memory killer, an operator) nor exited."""
+        return self.exit_code is not None and -self.exit_code in CRASH_SIGNALS
+
+    def describe(self) -> str:
+        """How it died, in words: ``signal 11 (SIGSEGV)`` or ``exit status 1``."""
+        code = self.exit_code
+        if code is None:
+            return "an unknown exit status"
+        if code < 0:
+            try:
+                return f"signal {-code} ({signal.Signals(-code).name})"
+            except ValueError:
+                return f"signal {-code}"
+        return f"exit status {code}"
 
 
 @dataclass(frozen=True)
@@ -140,7 +170,7 @@ class BuildWorker:
                     self._proc.join(timeout=5.0)
                     code = self._proc.exitcode
                 self.kill()
-                raise InfrastructureError(f"building {what}: the build process died (exit status {code})") from None
+                raise WorkerDied(f"building {what}: the build process died (exit status {code})", code) from None
             if reply[0] != "progress":
                 break
             if on_progress is not None:

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from quantgate import gate, names, qat, registry, search
-from quantgate.build import BuildJob, BuildTimeout, BuildWorker, build
+from quantgate import faults, gate, names, qat, registry, search
+from quantgate.build import BuildJob, BuildTimeout, BuildWorker, WorkerDied, build
 from quantgate.cache import CandidateCache, RunKey
 from quantgate.data import NpzDataset, check_values, resolve_data_uri
 from quantgate.errors import (
@@ -52,6 +52,7 @@ from quantgate.result import CandidateResult
 from quantgate.search import Budget, ProgressEvent, report_progress
 from quantgate.sensitivity import AccuracyControl, Metric
 from quantgate.validators.base import (
+    EVAL_BATCH,
     EvalOutputs,
     LatencyTarget,
     ValidationContext,
@@ -423,6 +424,7 @@ def evaluate(
     state.emit("build", label)
     try:
         cand = prebuilt if prebuilt is not None else _build(base, recipe, model, data, policy, workdir, state)
+        _trial(base, cand, data, policy, state)
         runner = open_runner(base.backend, cand, policy.latency.threads)
     except BuildTimeout as exc:
         return CandidateRun(skipped_result(recipe, str(exc), hardware, policy), time.perf_counter() - t0)
@@ -439,6 +441,71 @@ def evaluate(
     if state.cache is not None and key is not None and not result.verdict.skipped:
         state.cache.put(key, result, cand.files or (cand.artifact,))
     return run
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """A candidate's first calls, at every batch size this process will call it with (``trial_run``)."""
+
+    backend: str
+    candidate: Candidate
+    evaluation: NpzDataset
+    batch_sizes: tuple[int, ...]
+    threads: int
+
+
+def trial_run(job: TrialJob) -> None:
+    """Open the candidate's runtime and call it once at each batch size: in the build worker, so that a runtime
+    that crashes in native code on an artifact ends a process the run replaces, not the run (OpenVINO 2026.4 died
+    with SIGSEGV here on an NNCF ``mixed``-preset INT8 MobileNetV2 at batch 1 and 2, and ran it at 4 and 8)."""
+    faults.point("candidate_trial")
+    runner = open_runner(fresh_backend(job.backend), job.candidate, job.threads)
+    for size in job.batch_sizes:
+        try:
+            runner.run(latency_batch(job.evaluation, size))
+        except (QuantgateError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # as in open_runner: one artifact that its runtime cannot run fails only itself
+            label = f"{job.backend}/{job.candidate.recipe.name}"
+            raise_if_infrastructure(exc, label)
+            raise BackendError(
+                f"{job.backend} cannot run its {job.candidate.recipe.name} artifact at batch {size}: {first_line(exc)}"
+            ) from exc
+
+
+def trial_batch_sizes(n_samples: int, limits: Sequence[int | None], latency_sizes: Sequence[int]) -> tuple[int, ...]:
+    """The batch sizes a candidate is called with in this process: evaluation batches of ``EVAL_BATCH`` and the
+    remainder for each sample limit (quick check, full evaluation), and every latency batch size."""
+    sizes = set(latency_sizes)
+    for limit in limits:
+        k = n_samples if limit is None else min(limit, n_samples)
+        if k > 0:
+            sizes.add(min(EVAL_BATCH, k))
+            if k % EVAL_BATCH and k > EVAL_BATCH:
+                sizes.add(k % EVAL_BATCH)
+    return tuple(sorted(sizes))
+
+
+def _trial(base: Baseline, cand: Candidate, data: DataSets, policy: Policy, state: SearchState) -> None:
+    """``trial_run`` in the run's worker, where it has one; a crash there (a fatal signal) fails the candidate, in
+    one line."""
+    if state.worker is None:
+        return
+    limits = [policy.data.evaluation_samples]
+    if not state.exhaustive and state.quick_samples is not None:
+        limits.append(state.quick_samples)
+    sizes = trial_batch_sizes(data.evaluation.n_samples, limits, policy.latency.batch_sizes)
+    job = TrialJob(base.backend.name, cand, data.evaluation, sizes, policy.latency.threads)
+    label = f"{base.backend.name}/{cand.recipe.name}"
+    try:
+        state.worker.call(trial_run, job, state.budget.remaining, what=f"the first calls of {label}")
+    except WorkerDied as exc:
+        if not exc.crashed:  # killed from outside or out of memory: the host's trouble, not this artifact's
+            raise
+        raise BackendError(
+            f"{base.backend.name} crashed running its {cand.recipe.name} artifact ({exc.describe()}), tried at batch "
+            f"sizes {', '.join(map(str, sizes))} in the build process first, so not run in this one"
+        ) from None
 
 
 def open_runner(backend: Backend, cand: Candidate, threads: int) -> Runner:

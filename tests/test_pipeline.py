@@ -1,14 +1,18 @@
 from pathlib import Path
 from typing import Any
 
-from quantgate import pipeline
+import pytest
+
+from quantgate import faults, pipeline
+from quantgate.build import BuildWorker
 from quantgate.data import NpzDataset
-from quantgate.errors import BackendUnavailable
+from quantgate.errors import BackendUnavailable, InfrastructureError
 from quantgate.hardware import detect
 from quantgate.model import ModelInfo, read_model_info
 from quantgate.plugins.base import Calibration, Candidate, Recipe
 from quantgate.plugins.onnxruntime import OnnxRuntimeBackend
 from quantgate.policy import parse_policy
+from quantgate.search import Budget
 from quantgate.validators.base import (
     CheckSpec,
     Measurement,
@@ -43,6 +47,49 @@ def test_a_recipe_that_cannot_run_here_fails_alone_with_the_reason(
     assert run.result.verdict.reasons == [
         "backend 'gpu-thing' is unavailable: needs an NVIDIA GPU worker (route it to the nvidia-gpu pool)"
     ]
+
+
+def test_a_candidate_whose_runtime_crashes_fails_alone_and_the_next_one_is_measured(
+    digits_onnx: Path, calib_npz: Path, eval_npz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A runtime that dies in native code on one artifact (OpenVINO did, with SIGSEGV, on an INT8 MobileNetV2 at
+    batch 1) meets it in the build worker first: the candidate fails saying how the process died, this process
+    goes on, and the next candidate builds and runs in a fresh worker. The crash is injected (a real SIGSEGV of the
+    worker at its first calls): no runtime crashes on demand on every host. A worker killed from outside is not the
+    artifact's fault: that stays infrastructure."""
+    policy = parse_policy(test_policy(calib_npz, eval_npz))
+    model = read_model_info(digits_onnx)
+    data = pipeline.DataSets(NpzDataset.open(calib_npz), NpzDataset.open(eval_npz), "c", "e")
+    backend = OnnxRuntimeBackend()
+    cand = backend.baseline(model, tmp_path / "fp32")
+    runner = backend.runner(cand, threads=1)
+    base = pipeline.Baseline(backend, cand, runner, collect_outputs(runner, data.evaluation, None))
+    recipe = next(r for r in backend.recipes(model) if r.name == "int8-static-qdq-minmax-perchannel")
+    state = pipeline.SearchState(Budget(None))
+    sizes = pipeline.trial_batch_sizes(data.evaluation.n_samples, [None], policy.latency.batch_sizes)
+    with BuildWorker() as worker:
+        state.worker = worker
+        monkeypatch.setenv(faults.SEGV_ENV, "candidate_trial")  # the worker is spawned with it
+        crashed = pipeline.evaluate(base, recipe, model, data, policy, detect(), tmp_path / "a", state=state)
+        monkeypatch.delenv(faults.SEGV_ENV)
+        measured = pipeline.evaluate(base, recipe, model, data, policy, detect(), tmp_path / "b", state=state)
+        # Killed from outside (SIGKILL: the out-of-memory killer, an operator) is the host's trouble: the run's.
+        worker.kill()
+        monkeypatch.setenv(faults.ENV, "candidate_trial")
+        with pytest.raises(InfrastructureError, match=r"the build process died \(exit status -9\)"):
+            pipeline.evaluate(base, recipe, model, data, policy, detect(), tmp_path / "c", state=state)
+    assert not crashed.result.passed and not crashed.result.verdict.skipped
+    assert crashed.result.verdict.reasons == [
+        "onnxruntime crashed running its int8-static-qdq-minmax-perchannel artifact (signal 11 (SIGSEGV)), tried at "
+        f"batch sizes {', '.join(map(str, sizes))} in the build process first, so not run in this one"
+    ]
+    assert "accuracy" in measured.result.metrics and "latency_p50_ms" in measured.result.metrics
+
+
+def test_a_candidate_is_tried_at_every_batch_size_it_will_be_called_with() -> None:
+    # Evaluation batches of 64 and the remainder, for the quick check's 100 samples and all 300; latency's sizes.
+    assert pipeline.trial_batch_sizes(300, [None, 100], [1, 8]) == (1, 8, 36, 44, 64)
+    assert pipeline.trial_batch_sizes(40, [None, 100], [1]) == (1, 40)  # a limit above the samples there are
 
 
 def test_accuracy_control_tunes_on_calibration_data_unless_top1_needs_labels_it_lacks(
