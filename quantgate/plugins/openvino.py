@@ -87,6 +87,8 @@ class OvRunner:
         self._dtypes = {p.get_any_name(): p.get_element_type().to_dtype() for p in compiled.inputs}
         self._bound: dict[str, np.ndarray] = {}
         self._shape: tuple[tuple[int, ...], ...] | None = None
+        # The last call's inputs, bound as they are: (name, array, shape) per input.
+        self._last: list[tuple[str, np.ndarray, tuple[int, ...]]] | None = None
 
     def _specialize(self, inputs: Mapping[str, np.ndarray]) -> None:
         """Static shapes: the model reshaped to these inputs' shapes and compiled for them, once per shape.
@@ -117,14 +119,27 @@ class OvRunner:
         self.compiled, self._request, self._outs = self._shapes[shape]
         self._shape = shape
         self._bound.clear()
+        self._last = None
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        # The same arrays as the last call, at the same shapes (the latency validator's blocks; a caller that reuses
+        # its buffers): already bound, at a shape already compiled, so nothing but identity is checked. Going
+        # through the shape key and the binding loop on every call cost ~3% of a 1 ms INT8 MTCNN O-Net, timed
+        # in blocks: Python runs with cold caches right after an inference.
+        last = self._last
+        if last is not None and len(inputs) == len(last):
+            for (name, value), (last_name, last_value, last_shape) in zip(inputs.items(), last, strict=True):
+                if value is not last_value or name != last_name or value.shape != last_shape:
+                    break
+            else:
+                return self._infer()
+        self._last = None
         if self.static_shapes:
             self._specialize(inputs)
         # Zero-copy in and out, then one copy of the outputs (the next call reuses the request's buffers): at batch 1
         # the default copies cost ~20% of a small model's latency, which would be charged to OpenVINO, not the model.
         # An array bound on an earlier call is not bound again: re-wrapping it each call cost 3-6% of a 1 ms INT8
-        # MTCNN O-Net here (measured against a bare infer()), and the latency validator calls with the same arrays.
+        # MTCNN O-Net here (measured against a bare infer()).
         request = self._request
         for name, value in inputs.items():
             if self._bound.get(name) is value:
@@ -135,6 +150,11 @@ class OvRunner:
                 return [np.array(v, copy=True) for v in result.to_tuple()]
             request.set_tensor(name, _ov_tensor(value))
             self._bound[name] = value
+        self._last = [(name, value, value.shape) for name, value in inputs.items()]
+        return self._infer()
+
+    def _infer(self) -> list[np.ndarray]:
+        request = self._request
         if self._outs is None:
             # infer() copies each output out inside the binding: 1% of an INT8 O-Net or R-Net (1.7-2.7 ms) faster
             # than fetching the output tensors afterwards, timed in rotation.
@@ -147,6 +167,8 @@ class OvRunner:
         if self.static_shapes:
             self._specialize(inputs)
         request = self._request
+        self._bound.clear()  # rebound below, to wrappers run() did not make
+        self._last = None
         for name, value in inputs.items():
             request.set_tensor(name, _ov_tensor(value))
         infer: Callable[[], object] = request.infer
