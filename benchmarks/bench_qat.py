@@ -4,7 +4,8 @@
    (benchmarks/mobilenetv2.py, re-declared) on them, seeded, and register it as a pytorch model (MLflow's pt2);
 2. ``quantgate compress --json`` through the CLI, ``backends: [onnxruntime, openvino]``, the default gate (1 point),
    the full-INT8 post-training recipes of both backends and ``int8-qat`` (distillation on the unlabelled calibration
-   set: no labels needed); every passing candidate registered;
+   set: no labels needed; with ``--labelled-training N``, cross-entropy plus distillation on N of the labelled
+   images the FP32 model was trained on, as ``data.training``); every passing candidate registered;
 3. in this process, one blocked latency measurement (quantgate's validator code) rotating both FP32 baselines, each
    backend's post-training recipe that its QAT recipe finishes with, and the registered QAT versions: batch-1
    speedups measured side by side.
@@ -12,7 +13,7 @@
 Targets: the best PTQ candidate loses at least 2 points; the QAT candidate at most 1, at a batch-1 speedup within
 10% of the PTQ candidate's; QAT's wall time reported and within its budget. Nothing is asserted.
 
-    python benchmarks/bench_qat.py [--epochs 24] [--qat-epochs 4] [--json out.json]
+    python benchmarks/bench_qat.py [--epochs 24] [--qat-epochs 4] [--labelled-training 3000] [--json out.json]
 """
 
 from __future__ import annotations
@@ -109,7 +110,12 @@ def cli(argv: list[str], home: Path) -> tuple[dict[str, Any], float]:
     proc = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     if proc.returncode not in (0, 1):
-        raise RuntimeError(f"quantgate compress exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+        # A native crash: faulthandler's Python tracebacks (when PYTHONFAULTHANDLER is set) say where; they are
+        # long (every thread, every extension module), so the whole stderr is kept.
+        kept = HERE / ".cache" / "qat" / "compress-crash.stderr"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(proc.stderr)
+        raise RuntimeError(f"quantgate compress exited {proc.returncode}; its stderr: {kept}")
     return json.loads(proc.stdout), wall
 
 
@@ -175,7 +181,10 @@ def report(doc: dict[str, Any], speed: dict[str, tuple[float, float, float]], wa
     for label in (k for k in speed if k.endswith("fp32")):
         acc = "-" if fp32 is None else f"{fp32:.4f}"
         lines.append(f"| {label.split()[0]} | fp32 (baseline) | - | {acc} | +0.00 | 1.00x | |")
-    ptq = [c for c in doc["candidates"] if c["recipe"] != QAT_RECIPE and "accuracy_drop" in c["all_metrics"]]
+    # int8-qat's shape-specialized variant (int8-qat-static) is QAT too
+    ptq = [
+        c for c in doc["candidates"] if not c["recipe"].startswith(QAT_RECIPE) and "accuracy_drop" in c["all_metrics"]
+    ]
     best = min(ptq, key=lambda c: c["all_metrics"]["accuracy_drop"]) if ptq else None
     lines.append("")
     if best is not None:
@@ -209,18 +218,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=24, help="training epochs of the FP32 MobileNetV2")
     parser.add_argument("--train", type=int, default=3000)
+    parser.add_argument("--signal", type=float, default=qatdata.SIGNAL, help="class pattern amplitude")
+    parser.add_argument("--background", type=float, default=qatdata.BACKGROUND, help="smooth background amplitude")
+    parser.add_argument("--noise", type=float, default=qatdata.NOISE, help="pixel noise")
     parser.add_argument("--eval", type=int, default=1000)
     parser.add_argument("--qat-epochs", type=int, default=4)
     parser.add_argument("--qat-budget", type=float, default=400.0)
     parser.add_argument("--budget", type=float, default=1800.0, help="search.time_budget_s")
+    parser.add_argument(
+        "--labelled-training",
+        type=int,
+        default=0,
+        help="also give QAT this many labelled training images as data.training (0: distillation on the "
+        "unlabelled calibration set only)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    train_split, eval_split = qatdata.make(args.train, seed=1), qatdata.make(args.eval, seed=2)
-    model = train(train_split, args.epochs, seed=0)
-    train_s = time.perf_counter() - t0
+    look = {"signal": args.signal, "background": args.background, "noise": args.noise}
+    train_split, eval_split = qatdata.make(args.train, seed=1, **look), qatdata.make(args.eval, seed=2, **look)
     import torch
+
+    # The trained FP32 model is kept between runs (training is most of a run's time); the data's settings are in
+    # the key, and the training itself is seeded.
+    look_key = f"s{args.signal}-b{args.background}-n{args.noise}"
+    key = f"mobilenetv2-{qatdata.SIZE}px-{args.train}-{args.epochs}ep-{look_key}.pt"
+    kept = HERE / ".cache" / "qat" / key
+    reused = kept.exists()
+    if reused:
+        model = MobileNetV2(num_classes=qatdata.CLASSES)
+        model.load_state_dict(torch.load(kept, weights_only=True))
+        model.eval()
+    else:
+        model = train(train_split, args.epochs, seed=0)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), kept)
+    train_s = time.perf_counter() - t0
 
     with torch.no_grad():
         fp32 = top1(model(torch.from_numpy(eval_split.x)).numpy(), eval_split.y)
@@ -232,10 +266,17 @@ def main() -> None:
         calibration, evaluation = root / "calibration.npz", root / "evaluation.npz"
         np.savez(calibration, input=train_split.x[:512])  # no labels: QAT distils from the FP32 model
         np.savez(evaluation, input=eval_split.x, labels=eval_split.y)
+        data = {"calibration": str(calibration), "evaluation": str(evaluation)}
+        if args.labelled_training:
+            # The images the FP32 model was trained on, with their labels: what the model's owner has.
+            training = root / "training.npz"
+            n = args.labelled_training
+            np.savez(training, input=train_split.x[:n], labels=train_split.y[:n])
+            data["training"] = str(training)
         policy = {
             "backends": ["onnxruntime", "openvino"],
             "recipes": [*PTQ_RECIPES, QAT_RECIPE],
-            "data": {"calibration": str(calibration), "evaluation": str(evaluation)},
+            "data": data,
             "search": {"time_budget_s": args.budget, "cache": False},
             "qat": {"epochs": args.qat_epochs, "time_budget_s": args.qat_budget},
             "registry": {"register_all_passing": True},
@@ -251,9 +292,16 @@ def main() -> None:
         from quantgate.flows.prefect_server import stop_local_server
 
         stop_local_server(root / "qghome")
+    how_trained = f"(kept from an earlier run: {kept.name})" if reused else f"in {train_s:.0f} s"
     lines = [
         f"MobileNetV2 (torchvision's, {qatdata.CLASSES} classes, {qatdata.SIZE}x{qatdata.SIZE}) trained {args.epochs} "
-        f"epochs on {args.train} generated images in {train_s:.0f} s: FP32 top-1 {fp32:.4f} on {args.eval} held-out",
+        f"epochs on {args.train} generated images {how_trained}: FP32 top-1 {fp32:.4f} on {args.eval} held-out",
+        f"QAT fine-tunes {args.qat_epochs} epochs on "
+        + (
+            f"{args.labelled_training} labelled training images (cross-entropy plus distillation)"
+            if args.labelled_training
+            else "the 512 unlabelled calibration images (distillation only)"
+        ),
         "",
         *report(doc, speed, wall, args),
         f"- host load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}; {os.cpu_count()} cores",

@@ -52,7 +52,10 @@ def patterns(seed: int = 1234) -> np.ndarray:
     return (p / p.std(axis=(1, 2, 3), keepdims=True)).astype(np.float32)
 
 
-def make(n: int, seed: int, signal: float = 0.15, background: float = 4.0, noise: float = 0.02) -> Split:
+SIGNAL, BACKGROUND, NOISE = 0.15, 4.0, 0.02  # make()'s defaults
+
+
+def make(n: int, seed: int, signal: float = SIGNAL, background: float = BACKGROUND, noise: float = NOISE) -> Split:
     rng = np.random.default_rng(seed)
     y = rng.integers(0, CLASSES, n).astype(np.int64)
     x = (
