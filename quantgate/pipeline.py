@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -461,16 +462,8 @@ def trial_run(job: TrialJob) -> None:
     faults.point("candidate_trial")
     runner = open_runner(fresh_backend(job.backend), job.candidate, job.threads)
     for size in job.batch_sizes:
-        try:
+        with _runtime_failures(job.backend, job.candidate.recipe.name, f" at batch {size}"):
             runner.run(latency_batch(job.evaluation, size))
-        except (QuantgateError, KeyboardInterrupt):
-            raise
-        except Exception as exc:  # as in open_runner: one artifact that its runtime cannot run fails only itself
-            label = f"{job.backend}/{job.candidate.recipe.name}"
-            raise_if_infrastructure(exc, label)
-            raise BackendError(
-                f"{job.backend} cannot run its {job.candidate.recipe.name} artifact at batch {size}: {first_line(exc)}"
-            ) from exc
 
 
 def trial_batch_sizes(n_samples: int, limits: Sequence[int | None], latency_sizes: Sequence[int]) -> tuple[int, ...]:
@@ -489,7 +482,7 @@ def trial_batch_sizes(n_samples: int, limits: Sequence[int | None], latency_size
 def _trial(base: Baseline, cand: Candidate, data: DataSets, policy: Policy, state: SearchState) -> None:
     """``trial_run`` in the run's worker, where it has one; a crash there (a fatal signal) fails the candidate, in
     one line."""
-    if state.worker is None:
+    if state.worker is None or state.budget.exhausted:  # past the budget, evaluate() skips it unmeasured anyway
         return
     limits = [policy.data.evaluation_samples]
     if not state.exhaustive and state.quick_samples is not None:
@@ -514,13 +507,21 @@ def open_runner(backend: Backend, cand: Candidate, threads: int) -> Runner:
     Built-in backends raise ``BackendError`` themselves; a plugin's runtime may raise anything, and one plugin's
     artifact must not end a run that other backends' candidates are part of.
     """
-    try:
+    with _runtime_failures(backend.name, cand.recipe.name):
         return backend.runner(cand, threads=threads)
+
+
+@contextmanager
+def _runtime_failures(backend: str, recipe: str, where: str = "") -> Iterator[None]:
+    """Whatever a runtime raises opening or running one artifact fails that candidate (``BackendError``), unless it
+    is the host's trouble (``raise_if_infrastructure``) or already one of ours."""
+    try:
+        yield
     except (QuantgateError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        raise_if_infrastructure(exc, f"{backend.name}/{cand.recipe.name}")
-        raise BackendError(f"{backend.name} cannot run its {cand.recipe.name} artifact: {first_line(exc)}") from exc
+        raise_if_infrastructure(exc, f"{backend}/{recipe}")
+        raise BackendError(f"{backend} cannot run its {recipe} artifact{where}: {first_line(exc)}") from exc
 
 
 def _validate(
