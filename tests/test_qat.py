@@ -174,7 +174,7 @@ def test_onnxruntime_qat_trains_with_the_activation_ranges_its_qdq_model_then_us
 
 
 def test_the_budget_stops_qat_and_it_says_how_far_it_got(pt2_dir: Path, unlabelled_calib: Path, tmp_path: Path) -> None:
-    job = qat.QatJob(pt2_dir, NpzDataset.open(unlabelled_calib), None, str(unlabelled_calib), time_budget_s=3.0)
+    job = qat.QatJob(pt2_dir, NpzDataset.open(unlabelled_calib), None, str(unlabelled_calib), time_budget_s=5.0)
     recipe = _recipe(epochs=10_000, batch_size=8, samples=128)
 
     started = time.monotonic()
@@ -183,8 +183,10 @@ def test_the_budget_stops_qat_and_it_says_how_far_it_got(pt2_dir: Path, unlabell
 
     record = tuned.details["qat"]
     assert record["stopped_by_budget"] and 0 < record["steps_done"] < record["steps_planned"]
-    assert any("stopped by its budget (3 s)" in n and "of 160000 steps" in n for n in tuned.notes), tuned.notes
-    assert wall < 60  # the loop stopped at its 3 s budget; the rest is loading and exporting the tiny model
+    assert any("stopped by its budget (5 s)" in n and "of 160000 steps" in n for n in tuned.notes), tuned.notes
+    # The whole fine-tuning, preparation and export included, stays within its budget (+10%).
+    assert record["train_s"] <= 5.5, record["train_s"]
+    assert wall < 60  # the rest is loading the tiny model twice
 
 
 def test_labelled_training_set_adds_the_task_loss(
