@@ -232,15 +232,21 @@ def test_two_workers_compressing_the_same_version_at_once_register_it_once(
         stack._wait_worker(faulty_stack, state, "worker-2", pool)
         data = {**FAST["data"], "calibration": str(calib_npz), "evaluation": str(eval_npz)}  # type: ignore[dict-item]
         parameters = {"model_uri": uri, "policy": {**FAST, "data": data}, "tracking_uri": faulty_stack.mlflow_url}
+        # Each run waits, once its parent run exists, until the other has got as far: on a fast host one run had
+        # finished before the second worker polled for the other (the test then proved nothing about a race).
+        barrier = tmp_path / "barrier"
+        barrier.mkdir()
+        env = {faults.BARRIER_ENV: f"parent_created:{barrier}:2"}
         script = (
             "import json, sys, uuid\nfrom prefect.deployments import run_deployment\n"
-            "p = json.loads(sys.argv[1])\n"
+            "p, env = json.loads(sys.argv[1]), json.loads(sys.argv[2])\n"
             "for _ in range(2):  # two runs of one version: no shared idempotency key\n"
             "    run_deployment('compress-model/compress-model', parameters=p, timeout=0,"
-            " idempotency_key=f'twin-{uuid.uuid4().hex}')\n"
+            " idempotency_key=f'twin-{uuid.uuid4().hex}', job_variables={'env': env})\n"
         )
-        proc = subprocess.run([sys.executable, "-c", script, json.dumps(parameters)], capture_output=True, text=True,
-                              env=cli_env(faulty_stack, tmp_path), timeout=120)  # fmt: skip
+        proc = subprocess.run([sys.executable, "-c", script, json.dumps(parameters), json.dumps(env)],
+                              capture_output=True, text=True, env=cli_env(faulty_stack, tmp_path),
+                              timeout=120)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-2000:]
 
         def finished() -> list[dict[str, Any]] | None:
@@ -253,6 +259,7 @@ def test_two_workers_compressing_the_same_version_at_once_register_it_once(
         stack.stop(stack._only(state, "worker-2"))
     assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"]
     first, second = sorted(runs, key=lambda r: r["start_time"])
+    assert len(list(barrier.iterdir())) == 2  # both flow processes reached the barrier
     assert first["end_time"] > second["start_time"]  # they really ran at once (ISO timestamps, same zone)
     (mv,) = registered_from(client, "twin-fault-onnxruntime-int8", "1")
     assert client.get_model_version_by_alias("twin-fault-onnxruntime-int8", "compressed").version == mv.version
