@@ -186,7 +186,7 @@ def test_the_budget_stops_qat_and_it_says_how_far_it_got(pt2_dir: Path, unlabell
     assert any("stopped by its budget (5 s)" in n and "of 160000 steps" in n for n in tuned.notes), tuned.notes
     # The whole fine-tuning, preparation and export included, stays within its budget (+10%).
     assert record["train_s"] <= 5.5, record["train_s"]
-    assert wall < 60  # the rest is loading the tiny model twice
+    assert wall < 60  # a bound on the whole call; train_s above is what the budget governs
 
 
 def test_labelled_training_set_adds_the_task_loss(
